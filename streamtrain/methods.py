@@ -1,0 +1,31 @@
+"""Which update rule governs which parameter, for each training method.
+
+GaLore (and the other low-rank rules) go on the attention and MLP weight matrices; embeddings,
+norms and lm_head stay with full-rank AdamW, as in the GaLore paper.
+"""
+import re
+
+from torch import nn
+
+from .rules import AdamW, GaLore
+
+METHODS = ("adamw", "galore")
+LOW_RANK_TARGET = re.compile(r"\.(self_attn|mlp)\.\w+_proj\.weight$")
+
+
+def is_low_rank_target(name: str, param) -> bool:
+    return param.dim() == 2 and bool(LOW_RANK_TARGET.search(name))
+
+
+def assign_rules(model: nn.Module, method: str = "adamw", *, rank: int = 128, gap: int = 200,
+                 scale: float = 0.25, states: str = "fp32", betas=(0.9, 0.999), eps: float = 1e-8,
+                 subspace_from: str = "first_micro_batch") -> dict:
+    """{parameter name: rule} for every trainable parameter of `model`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    adamw = AdamW(betas, eps, states)
+    low_rank = adamw
+    if method == "galore":
+        low_rank = GaLore(rank, gap, scale, betas, eps, states, subspace_from)
+    return {name: (low_rank if is_low_rank_target(name, p) else adamw)
+            for name, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,1 @@
+"""Pure tensor math for the update rules: Adam, projectors, LR schedules, rounding, state storage."""

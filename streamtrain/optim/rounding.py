@@ -1,0 +1,29 @@
+"""Writing fp32 results into low-precision weights.
+
+Stochastic rounding to bf16: add uniform random bits below bf16's 16 kept bits of the fp32
+pattern, then truncate. The result is unbiased (E[round(x)] = x), so updates smaller than half a
+bf16 step still move the weight on average instead of vanishing. It needs no extra memory beyond
+a temporary of the tensor's size.
+"""
+import torch
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    x = x.float()
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    # adding to the low 16 bits carries into the kept bits with probability (low bits / 2^16)
+    rounded = (bits + noise) & -65536  # clear the low 16 bits (0xFFFF0000 as int32)
+    out = rounded.view(torch.float32)
+    # inf/nan stay as they are (the carry could otherwise turn a large finite value into inf)
+    out = torch.where(torch.isfinite(x), out, x)
+    return out.to(torch.bfloat16)
+
+
+def write_weight(weight: torch.Tensor, new_value_fp32: torch.Tensor, stochastic: bool,
+                 generator: torch.Generator | None = None) -> None:
+    """Copy an fp32 result into `weight`, rounding stochastically when it is bf16."""
+    if weight.dtype == torch.bfloat16 and stochastic:
+        weight.copy_(stochastic_round_to_bf16(new_value_fp32, generator))
+    else:
+        weight.copy_(new_value_fp32)

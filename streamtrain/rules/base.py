@@ -1,0 +1,102 @@
+"""What every update rule shares: the step context the engine hands to hooks, the rule
+interface, and the last stage of every update (growth limit, weight decay, rounding)."""
+from dataclasses import dataclass, field
+
+import torch
+
+from ..optim.adam import decoupled_weight_decay
+from ..optim.clip import clip_to_norm, limit_norm_growth
+from ..optim.rounding import write_weight
+
+
+@dataclass
+class StepContext:
+    """The engine's view of the current micro-batch, read by every hook. Built by the engine
+    once per micro-batch; rules never keep their own clock."""
+    step: int                 # logical step being taken (0-based)
+    lr: float                 # the schedule's value at `step`
+    micro_index: int          # 0 .. accumulate-1
+    accumulate: int
+    weight_decay: float = 0.0
+    clip_per_tensor: float | None = None   # max L2 norm of each tensor's step gradient
+    norm_growth: float | None = None       # gamma of the norm-growth limiter
+    stochastic_rounding: bool = True       # for bf16 weights
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def is_first(self) -> bool:
+        return self.micro_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.micro_index == self.accumulate - 1
+
+
+class Rule:
+    """Interface of an update rule (subclass or duck-type).
+
+    init_state(name, param)            -> dict of state (tensors, storages, python scalars)
+    accumulate(param, grad, state, ctx)   fold a non-final micro-batch gradient
+    update(param, grad, state, ctx)    -> 0-d tensor: squared norm of the step gradient consumed
+    end_step(engine)                      optional: work at the logical step boundary (merges)
+    """
+    name = "rule"
+
+    def init_state(self, name: str, param: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def accumulate(self, param, grad, state: dict, ctx: StepContext) -> None:
+        raise NotImplementedError
+
+    def update(self, param, grad, state: dict, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def end_step(self, engine) -> None:
+        pass
+
+    def config(self) -> dict:
+        """Hyperparameters, saved with checkpoints so a resume can refuse a different method."""
+        return {"name": self.name}
+
+
+def add_to_buffer(state: dict, key: str, value: torch.Tensor) -> None:
+    """Accumulate `value` (already fp32) into state[key], taking ownership on the first call."""
+    if state.get(key) is None:
+        state[key] = value if value.dtype == torch.float32 else value.float()
+    else:
+        state[key].add_(value)
+
+
+def take_buffer(state: dict, key: str, value: torch.Tensor) -> torch.Tensor:
+    """The fp32 sum of the buffered micro-batches and `value`; empties the buffer."""
+    buffered = state.get(key)
+    state[key] = None
+    if buffered is None:
+        return value.float()
+    return buffered.add_(value)
+
+
+def maybe_clip(grad: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    return clip_to_norm(grad, ctx.clip_per_tensor) if ctx.clip_per_tensor else grad
+
+
+def apply_update(param: torch.Tensor, direction: torch.Tensor, state: dict, ctx: StepContext) -> None:
+    """W <- W (1 - lr wd) - lr * direction, with the optional norm-growth limit on `direction`
+    and stochastic rounding when the weight is bf16."""
+    if ctx.norm_growth:
+        direction, state["prev_update_norm"] = limit_norm_growth(
+            direction, state["prev_update_norm"], ctx.norm_growth)
+    with torch.no_grad():
+        if param.dtype == torch.float32:
+            decoupled_weight_decay(param, ctx.lr, ctx.weight_decay)
+            param.add_(direction, alpha=-ctx.lr)
+        else:
+            w = param.float()
+            decoupled_weight_decay(w, ctx.lr, ctx.weight_decay)
+            w.add_(direction, alpha=-ctx.lr)
+            write_weight(param, w, ctx.stochastic_rounding)
+
+
+def common_state(param: torch.Tensor) -> dict:
+    """State every rule keeps: its update count and the last update norm (growth limiter)."""
+    return {"step": 0, "prev_update_norm": torch.zeros((), device=param.device)}

@@ -1,0 +1,105 @@
+"""GaLore-AdamW: Adam in a low-rank subspace of the gradient (Zhao et al., 2024).
+
+Every `gap` logical steps the basis P is recomputed from an fp32 SVD of the gradient; in between,
+the gradient is projected (R = P^T G or G P), Adam runs on R, and the weight moves by
+P * Adam(R) * scale. Adam's moments are r x n (or m x r) instead of m x n.
+
+Accumulation: the subspace is fixed for the whole logical step. With `subspace_from` =
+"first_micro_batch" (default) a refresh step takes its basis from the first micro-batch's
+gradient and every micro-batch is projected at once, so no full gradient outlives its hook.
+With "full_step" a refresh step instead sums the full gradients and takes the basis from the
+sum (exactly what one big batch would give, at the cost of holding m x n fp32 per parameter
+on refresh steps).
+"""
+import torch
+
+from ..optim.adam import adam_direction
+from ..optim.projector import project, project_back, projected_shape, projection_side, svd_basis
+from ..optim.state import make_state
+from .base import Rule, add_to_buffer, apply_update, common_state, maybe_clip, take_buffer
+
+SUBSPACE_SOURCES = ("first_micro_batch", "full_step")
+
+
+class GaLore(Rule):
+    name = "galore"
+
+    def __init__(self, rank: int = 128, gap: int = 200, scale: float = 0.25, betas=(0.9, 0.999),
+                 eps=1e-8, states: str = "fp32", subspace_from: str = "first_micro_batch"):
+        if rank < 1:
+            raise ValueError(f"GaLore rank must be >= 1, got {rank}")
+        if gap < 1:
+            raise ValueError(f"GaLore refresh gap must be >= 1, got {gap}")
+        if subspace_from not in SUBSPACE_SOURCES:
+            raise ValueError(f"subspace_from must be one of {SUBSPACE_SOURCES}, got {subspace_from!r}")
+        self.rank, self.gap, self.scale = rank, gap, scale
+        self.betas, self.eps, self.states, self.subspace_from = tuple(betas), eps, states, subspace_from
+
+    # -- state ---------------------------------------------------------------------------------
+    def init_state(self, name, param):
+        if param.dim() != 2:
+            raise ValueError(f"GaLore needs a matrix; {name} has shape {tuple(param.shape)}")
+        side = projection_side(param.shape)
+        rank = min(self.rank, *param.shape)
+        low = projected_shape(param.shape, rank, side)
+        basis_rows = param.shape[0] if side == "left" else param.shape[1]
+        state = common_state(param)
+        state.update(
+            side=side, rank=rank, refresh_step=-1, refreshes=0,
+            basis=torch.zeros(basis_rows, rank, dtype=param.dtype, device=param.device),
+            exp_avg=make_state(low, self.states, signed=True, device=param.device),
+            exp_avg_sq=make_state(low, self.states, signed=False, device=param.device),
+            grad_acc=None,       # fp32 projected sum of earlier micro-batches
+            full_grad_acc=None,  # fp32 full sum, only on refresh steps with subspace_from=full_step
+        )
+        return state
+
+    def refresh_due(self, state, ctx) -> bool:
+        return state["refresh_step"] < 0 or ctx.step - state["refresh_step"] >= self.gap
+
+    def refresh(self, state, grad, ctx) -> None:
+        state["basis"].copy_(svd_basis(grad, state["rank"], state["side"]))
+        state["refresh_step"] = ctx.step
+        state["refreshes"] += 1
+
+    def _sums_full_gradient(self, state, ctx) -> bool:
+        return self.subspace_from == "full_step" and ctx.accumulate > 1 and self.refresh_due(state, ctx)
+
+    # -- hook operations -----------------------------------------------------------------------
+    def accumulate(self, param, grad, state, ctx):
+        if self._sums_full_gradient(state, ctx):
+            add_to_buffer(state, "full_grad_acc", grad)
+            return
+        if ctx.is_first and self.refresh_due(state, ctx):
+            self.refresh(state, grad, ctx)
+        add_to_buffer(state, "grad_acc", project(grad, state["basis"], state["side"]).float())
+
+    def update(self, param, grad, state, ctx):
+        full = None
+        if self._sums_full_gradient(state, ctx):
+            full = take_buffer(state, "full_grad_acc", grad)
+            self.refresh(state, full, ctx)
+            low = project(full, state["basis"], state["side"]).float()
+        else:
+            if ctx.is_first and self.refresh_due(state, ctx):
+                self.refresh(state, grad, ctx)
+            if ctx.accumulate == 1:
+                full = grad
+            low = take_buffer(state, "grad_acc", project(grad, state["basis"], state["side"]).float())
+        # the true norm when the full step gradient is at hand, else the projected one (a lower bound)
+        grad_sq = torch.linalg.vector_norm(full if full is not None else low, dtype=torch.float32).square()
+        del full
+        low = maybe_clip(low, ctx)
+        state["step"] += 1
+        m, v = state["exp_avg"].read(), state["exp_avg_sq"].read()
+        low_direction = adam_direction(low, m, v, state["step"], *self.betas, self.eps)
+        state["exp_avg"].write(m)
+        state["exp_avg_sq"].write(v)
+        direction = project_back(low_direction, state["basis"], state["side"]).mul_(self.scale)
+        apply_update(param, direction, state, ctx)
+        return grad_sq
+
+    def config(self):
+        return {"name": self.name, "rank": self.rank, "gap": self.gap, "scale": self.scale,
+                "betas": list(self.betas), "eps": self.eps, "states": self.states,
+                "subspace_from": self.subspace_from}
