@@ -1,0 +1,128 @@
+"""The run configuration: one dataclass, each field with its help text and a validation that
+names the flag and the fix. The CLI builds its flags from these fields; library users fill the
+dataclass directly."""
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from .methods import METHODS
+from .models.presets import DEFAULT_PRESET, PRESETS
+from .optim.state import PRECISIONS
+
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def opt(default, help, choices=None, **extra):
+    metadata = {"help": help, "choices": choices, **extra}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = opt(DEFAULT_PRESET, "model preset name ('list' prints them)")
+    model_overrides: dict = opt({}, "preset field overrides (library only), e.g. {'num_hidden_layers': 2}", cli=False)
+    init_from: str | None = opt(None, "HF-format folder or .safetensors file to start from")
+    data: str = opt("builtin", "text file, folder, .jsonl, token .bin, or 'builtin' (Python stdlib sources)")
+    tokenizer: str | None = opt(None, "tokenizer.json path (needs the 'tokenizers' package); default: bytes")
+    text_field: str = opt("text", "JSONL field holding the text")
+    max_data_bytes: int = opt(8_000_000, "bytes of the built-in corpus to read (0 = all)")
+    # the step
+    steps: int = opt(200, "logical optimizer steps")
+    batch_size: int = opt(16, "sequences per micro-batch")
+    seq_len: int = opt(128, "tokens per sequence")
+    accumulate: int = opt(1, "micro-batches per logical step (gradient accumulation)")
+    # the update
+    method: str = opt("adamw", "update rule for attention/MLP matrices", choices=METHODS)
+    lr: float = opt(2e-3, "peak learning rate")
+    warmup: int = opt(-1, "linear warmup steps (-1: 10%% of --steps)")
+    min_lr_ratio: float = opt(0.1, "cosine floor as a fraction of --lr")
+    weight_decay: float = opt(0.0, "decoupled weight decay")
+    rank: int = opt(128, "GaLore projection rank (clamped to each matrix's smaller side)")
+    galore_gap: int = opt(200, "GaLore subspace refresh interval in logical steps")
+    galore_scale: float = opt(0.25, "GaLore update scale")
+    states: str = opt("fp32", "optimizer state storage precision", choices=PRECISIONS)
+    dtype: str = opt("float32", "weight dtype (bfloat16 uses stochastic rounding)", choices=DTYPES)
+    stochastic_rounding: bool = opt(True, "stochastic rounding of bf16 weight updates")
+    clip_per_tensor: float | None = opt(None, "clip each tensor's step gradient to this L2 norm")
+    norm_growth: float | None = opt(None, "limit update-norm growth per step to this factor (e.g. 1.01)")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in backward")
+    loss_chunk_tokens: int = opt(0, "compute the loss in chunks of this many tokens (0 = all at once)")
+    # where and how
+    budget: str | None = opt(None, "memory budget such as 24GB or 22.5GiB (on CPU: tracked tensor bytes)")
+    device: str = opt("auto", "device: auto picks cuda when present", choices=DEVICES)
+    seed: int = opt(0, "seed for weights, data order and sampling")
+    out: str = opt("runs/latest", "output folder: metrics, checkpoints, reports")
+    eval_every: int = opt(50, "validation every N steps (0 = only at the end)")
+    eval_batches: int = opt(8, "validation micro-batches per evaluation")
+    progress: bool = opt(True, "show a progress bar")
+
+    def validate(self) -> "TrainConfig":
+        if self.model not in PRESETS:
+            fail("--model", f"unknown preset {self.model!r}", f"choose one of {', '.join(PRESETS)} (or 'list')")
+        for name in ("steps", "batch_size", "accumulate", "rank", "galore_gap", "eval_batches"):
+            if getattr(self, name) < 1:
+                fail(flag(name), f"must be >= 1, got {getattr(self, name)}", "pass a positive integer")
+        if self.seq_len < 2:
+            fail("--seq-len", f"must be >= 2, got {self.seq_len}", "pass a longer sequence length")
+        if not self.lr > 0:
+            fail("--lr", f"must be > 0, got {self.lr}", "pass a positive learning rate such as 1e-3")
+        if self.warmup < -1 or self.warmup > self.steps:
+            fail("--warmup", f"{self.warmup} is outside [-1, --steps]", "pass -1 for 10% or a step count")
+        if not 0 <= self.min_lr_ratio <= 1:
+            fail("--min-lr-ratio", f"{self.min_lr_ratio} is outside [0, 1]", "pass a fraction")
+        for name, allowed in (("method", METHODS), ("states", PRECISIONS), ("dtype", DTYPES), ("device", DEVICES)):
+            if getattr(self, name) not in allowed:
+                fail(flag(name), f"unknown value {getattr(self, name)!r}", f"choose one of {', '.join(allowed)}")
+        for name in ("clip_per_tensor", "norm_growth"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                fail(flag(name), f"must be > 0, got {value}", "pass a positive number or leave it unset")
+        if self.eval_every < 0 or self.loss_chunk_tokens < 0 or self.max_data_bytes < 0:
+            fail("--eval-every/--loss-chunk-tokens/--max-data-bytes", "must be >= 0", "pass 0 or a positive integer")
+        return self
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 10 if self.warmup == -1 else self.warmup
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def fail(flag_name: str, problem: str, fix: str):
+    raise ConfigError(f"{flag_name}: {problem}; {fix}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, typed and documented from the field itself."""
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        if meta.get("cli") is False:
+            continue
+        default = f.default if f.default is not MISSING else None
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag(f.name), default=default, action=argparse.BooleanOptionalAction,
+                                help=meta["help"])
+            continue
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+        if f.type in (int, float):
+            kind = f.type
+        help_text = meta["help"] + ("" if default is None else f" (default: {default})")
+        parser.add_argument(flag(f.name), type=kind, default=default, choices=meta.get("choices"),
+                            help=help_text, metavar=f.name.upper() if not meta.get("choices") else None)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**values).validate()
