@@ -7,6 +7,8 @@ so Adam's moments are r x n or m x r, never m x n.
 """
 import torch
 
+from .state import working
+
 
 def projection_side(shape) -> str:
     m, n = shape
@@ -20,7 +22,7 @@ def projected_shape(shape, rank: int, side: str):
 
 def svd_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     """Top-`rank` singular vectors on `side`, from an fp32 SVD (full_matrices=False)."""
-    U, S, Vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    U, S, Vh = torch.linalg.svd(working(grad), full_matrices=False)
     return U[:, :rank] if side == "left" else Vh[:rank, :].T
 
 

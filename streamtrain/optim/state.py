@@ -11,6 +11,11 @@ PRECISIONS = ("fp32", "bf16", "8bit")
 SMALL_TENSOR_NUMEL = 4096  # tensors below this stay fp32 whatever the requested precision
 
 
+def working(t: torch.Tensor) -> torch.Tensor:
+    """`t` in working precision: fp32, or fp64 when it already is (fp64 runs exist for tests)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 class DenseState:
     """A state kept as one dense tensor in fp32 or bf16."""
 
@@ -19,10 +24,10 @@ class DenseState:
 
     @property
     def precision(self) -> str:
-        return "fp32" if self.data.dtype == torch.float32 else "bf16"
+        return {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16"}[self.data.dtype]
 
     def read(self) -> torch.Tensor:
-        return self.data if self.data.dtype == torch.float32 else self.data.float()
+        return working(self.data)
 
     def write(self, value: torch.Tensor) -> None:
         if value is not self.data:
@@ -35,16 +40,18 @@ class DenseState:
         self.data.copy_(tensors["data"])
 
 
-def make_state(shape, precision: str = "fp32", signed: bool = True, device=None):
+def make_state(shape, precision: str = "fp32", signed: bool = True, device=None, param_dtype=None):
     """A zero state of `shape` stored at `precision` (fp32, bf16 or 8bit).
 
     `signed` tells the 8-bit storage which code map to use (signed for Adam's first moment,
-    unsigned for the second)."""
+    unsigned for the second). An fp64 parameter gets fp64 'fp32' states (exactness tests)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown state precision {precision!r}; choose one of {PRECISIONS}")
     numel = 1
     for s in shape:
         numel *= s
+    if param_dtype == torch.float64:
+        return DenseState(shape, torch.float64, device)
     if precision == "fp32" or numel < SMALL_TENSOR_NUMEL:
         return DenseState(shape, torch.float32, device)
     if precision == "bf16":

@@ -14,8 +14,8 @@ class AdamW(Rule):
 
     def init_state(self, name, param):
         state = common_state(param)
-        state["exp_avg"] = make_state(param.shape, self.states, signed=True, device=param.device)
-        state["exp_avg_sq"] = make_state(param.shape, self.states, signed=False, device=param.device)
+        state["exp_avg"] = make_state(param.shape, self.states, signed=True, device=param.device, param_dtype=param.dtype)
+        state["exp_avg_sq"] = make_state(param.shape, self.states, signed=False, device=param.device, param_dtype=param.dtype)
         state["grad_acc"] = None  # fp32 sum of earlier micro-batches, only while accumulating
         return state
 

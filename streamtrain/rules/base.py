@@ -7,6 +7,7 @@ import torch
 from ..optim.adam import decoupled_weight_decay
 from ..optim.clip import clip_to_norm, limit_norm_growth
 from ..optim.rounding import write_weight
+from ..optim.state import working
 
 
 @dataclass
@@ -60,19 +61,19 @@ class Rule:
 
 
 def add_to_buffer(state: dict, key: str, value: torch.Tensor) -> None:
-    """Accumulate `value` (already fp32) into state[key], taking ownership on the first call."""
+    """Accumulate `value` into state[key] in working precision, taking ownership on the first call."""
     if state.get(key) is None:
-        state[key] = value if value.dtype == torch.float32 else value.float()
+        state[key] = working(value)
     else:
         state[key].add_(value)
 
 
 def take_buffer(state: dict, key: str, value: torch.Tensor) -> torch.Tensor:
-    """The fp32 sum of the buffered micro-batches and `value`; empties the buffer."""
+    """The working-precision sum of the buffered micro-batches and `value`; empties the buffer."""
     buffered = state.get(key)
     state[key] = None
     if buffered is None:
-        return value.float()
+        return working(value)
     return buffered.add_(value)
 
 
@@ -87,7 +88,7 @@ def apply_update(param: torch.Tensor, direction: torch.Tensor, state: dict, ctx:
         direction, state["prev_update_norm"] = limit_norm_growth(
             direction, state["prev_update_norm"], ctx.norm_growth)
     with torch.no_grad():
-        if param.dtype == torch.float32:
+        if param.dtype in (torch.float32, torch.float64):
             decoupled_weight_decay(param, ctx.lr, ctx.weight_decay)
             param.add_(direction, alpha=-ctx.lr)
         else:

@@ -15,7 +15,7 @@ import torch
 
 from ..optim.adam import adam_direction
 from ..optim.projector import project, project_back, projected_shape, projection_side, svd_basis
-from ..optim.state import make_state
+from ..optim.state import make_state, working
 from .base import Rule, add_to_buffer, apply_update, common_state, maybe_clip, take_buffer
 
 SUBSPACE_SOURCES = ("first_micro_batch", "full_step")
@@ -47,8 +47,8 @@ class GaLore(Rule):
         state.update(
             side=side, rank=rank, refresh_step=-1, refreshes=0,
             basis=torch.zeros(basis_rows, rank, dtype=param.dtype, device=param.device),
-            exp_avg=make_state(low, self.states, signed=True, device=param.device),
-            exp_avg_sq=make_state(low, self.states, signed=False, device=param.device),
+            exp_avg=make_state(low, self.states, signed=True, device=param.device, param_dtype=param.dtype),
+            exp_avg_sq=make_state(low, self.states, signed=False, device=param.device, param_dtype=param.dtype),
             grad_acc=None,       # fp32 projected sum of earlier micro-batches
             full_grad_acc=None,  # fp32 full sum, only on refresh steps with subspace_from=full_step
         )
@@ -72,23 +72,24 @@ class GaLore(Rule):
             return
         if ctx.is_first and self.refresh_due(state, ctx):
             self.refresh(state, grad, ctx)
-        add_to_buffer(state, "grad_acc", project(grad, state["basis"], state["side"]).float())
+        add_to_buffer(state, "grad_acc", project(grad, state["basis"], state["side"]))
 
     def update(self, param, grad, state, ctx):
         full = None
         if self._sums_full_gradient(state, ctx):
             full = take_buffer(state, "full_grad_acc", grad)
             self.refresh(state, full, ctx)
-            low = project(full, state["basis"], state["side"]).float()
+            low = working(project(full, state["basis"], state["side"]))
         else:
             if ctx.is_first and self.refresh_due(state, ctx):
                 self.refresh(state, grad, ctx)
             if ctx.accumulate == 1:
                 full = grad
-            low = take_buffer(state, "grad_acc", project(grad, state["basis"], state["side"]).float())
+            low = take_buffer(state, "grad_acc", project(grad, state["basis"], state["side"]))
         # the true norm when the full step gradient is at hand, else the projected one (a lower bound)
-        grad_sq = torch.linalg.vector_norm(full if full is not None else low, dtype=torch.float32).square()
-        del full
+        consumed = full if full is not None else low
+        grad_sq = torch.linalg.vector_norm(consumed, dtype=working(consumed[:0]).dtype).square()
+        del full, consumed
         low = maybe_clip(low, ctx)
         state["step"] += 1
         m, v = state["exp_avg"].read(), state["exp_avg_sq"].read()

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from streamtrain.models.llama import build_model
+from streamtrain.models.presets import get_config
+
+TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=256,
+            num_attention_heads=4, max_position_embeddings=128)
+
+
+def tiny_config(**overrides):
+    return get_config("llama-9m", **{**TINY, **overrides})
+
+
+def tiny_model(seed=0, dtype=torch.float32, **overrides):
+    return build_model(tiny_config(**overrides), seed=seed, dtype=dtype)
+
+
+def random_batches(n, batch=2, seq=16, vocab=256, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab, (batch, seq), generator=gen),
+             torch.randint(0, vocab, (batch, seq), generator=gen)) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
