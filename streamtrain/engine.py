@@ -46,11 +46,7 @@ class Engine:
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         self.model = model
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        missing = sorted(set(self.params) - set(rules))
-        if missing:
-            raise ValueError(f"no update rule for trainable parameter(s): {missing[:5]}")
-        self.rules = {n: rules[n] for n in self.params}
+        self._scan_parameters(rules)
         self.schedule = schedule or ConstantSchedule(lr)
         self.accumulate = accumulate
         self.weight_decay = weight_decay
@@ -84,6 +80,25 @@ class Engine:
         for handle in self._handles or []:
             handle.remove()
         self._handles = None
+
+    def rebuild(self, rules: dict[str, Rule] | None = None) -> None:
+        """Re-scan the model's trainable parameters at a step boundary (ReLoRA adds adapters and
+        freezes the matrices they wrap): drop the states of parameters no longer trainable, give
+        new ones their rule from `rules` (existing parameters keep theirs) and fresh states, and
+        re-register the hooks if they were registered."""
+        attached = self._handles is not None
+        self.detach()
+        self._scan_parameters({**self.rules, **(rules or {})})
+        self.states = {n: s for n, s in self.states.items() if n in self.params}
+        if attached:
+            self.attach()
+
+    def _scan_parameters(self, rules: dict[str, Rule]) -> None:
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(set(self.params) - set(rules))
+        if missing:
+            raise ValueError(f"no update rule for trainable parameter(s): {missing[:5]}")
+        self.rules = {n: rules[n] for n in self.params}
 
     def _make_hook(self, name):
         def hook(param):
