@@ -94,6 +94,8 @@ def _jsonl_texts(path: Path, field: str):
                 raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
             if field not in record:
                 raise DataError(f"{path}:{lineno} has no field {field!r}; set --text-field")
+            if not isinstance(record[field], str):
+                raise DataError(f"{path}:{lineno} field {field!r} is not a string")
             yield record[field]
 
 

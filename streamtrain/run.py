@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(f"done: {summary['steps']} steps, val loss {summary['first_val_loss']:.4f} -> "
+    print(f"done: {summary['steps']} steps, val loss {summary['initial_val_loss']:.4f} -> "
           f"{summary['val_loss']:.4f} (perplexity {summary['val_perplexity']:.2f}); weights in {summary['weights']}")
     return 0
 

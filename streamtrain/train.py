@@ -2,16 +2,22 @@
 
 `Trainer(config).run()` is what `python -m streamtrain.run` calls and what a library user calls.
 """
+import contextlib
 import json
+import signal
+import sys
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .checkpoint import latest_checkpoint, load_checkpoint, resolve, save_checkpoint
 from .config import TrainConfig
 from .data import TokenDataset, load_tokens, make_tokenizer
-from .engine import Engine
+from .engine import Engine, NonFiniteError
 from .hf import load_hf_weights, save_hf
 from .methods import assign_rules
 from .models.llama import build_model, perplexity
@@ -66,37 +72,69 @@ class Trainer:
         self.engine = build_engine(self.model, config).attach()
         self.position = 0        # training micro-batches consumed (the data position)
         self.history = []
+        self.stop_signal = None  # set by SIGINT/SIGTERM (or request_stop): checkpoint, then stop
+        self.last_checkpoint = None
+        if config.resume:
+            self.resume(config.resume)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
-        tokens_per_step = c.batch_size * c.seq_len * c.accumulate
         bar = tqdm(total=c.steps, initial=self.engine.step, disable=not c.progress, desc="train", unit="step")
+        if self.engine.step == 0:
+            self.initial_val_loss = self.evaluate()  # the baseline every later val loss is read against
         mode = "a" if self.engine.step else "w"  # a resumed run appends to its own history
-        with open(self.out / "metrics.jsonl", mode) as metrics:
-            while self.engine.step < c.steps:
-                started = time.perf_counter()
-                report = None
-                while report is None:  # the k micro-batches of one logical step
-                    inputs, targets = self.dataset.train_batch(self.position, c.batch_size)
-                    loss = self.model(inputs.to(self.device), targets.to(self.device))
-                    report = self.engine.backward(loss)
-                    self.position += 1
-                record = {"step": report.step, "loss": report.loss, "lr": report.lr,
-                          "grad_norm": report.grad_norm, "skipped": report.skipped,
-                          "tokens": (report.step + 1) * tokens_per_step,
-                          "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
-                if self._evaluation_due(report.step):
-                    record["val_loss"] = self.evaluate()
-                metrics.write(json.dumps(record) + "\n")
-                self.history.append(record)
-                bar.set_postfix(loss=f"{report.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-                bar.update(1)
+        try:
+            with open(self.out / "metrics.jsonl", mode) as metrics, stop_signals_caught(self):
+                self._train_steps(metrics, bar)
+        except NonFiniteError as e:  # the skipped steps left weights and states untouched: save them
+            raise RunStopped(f"{e}; checkpoint saved to {self.save_checkpoint()}", exit_code=3) from None
+        except torch.OutOfMemoryError as e:  # mid-step: weights may be half updated, keep the last checkpoint
+            raise self.out_of_memory(e) from None
         bar.close()
         return self.finish()
+
+    def _train_steps(self, metrics, bar) -> None:
+        c = self.config
+        tokens_per_step = c.batch_size * c.seq_len * c.accumulate
+        while self.engine.step < c.steps:
+            started = time.perf_counter()
+            report = None
+            while report is None:  # the k micro-batches of one logical step
+                inputs, targets = self.dataset.train_batch(self.position, c.batch_size)
+                loss = self.model(inputs.to(self.device), targets.to(self.device))
+                report = self.engine.backward(loss)
+                self.position += 1
+            record = {"step": report.step, "loss": report.loss, "lr": report.lr,
+                      "grad_norm": report.grad_norm, "skipped": report.skipped,
+                      "nonfinite_total": report.nonfinite_total,
+                      "tokens": (report.step + 1) * tokens_per_step,
+                      "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
+            if self._evaluation_due(report.step):
+                record["val_loss"] = self.evaluate()
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()  # a killed run keeps the metrics of the steps it finished
+            self.history.append(record)
+            bar.set_postfix(loss=f"{report.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+            bar.update(1)
+            self._at_step_boundary()
+
+    def _at_step_boundary(self) -> None:
+        """Periodic checkpoints, and the stop a signal asked for (after its checkpoint)."""
+        every = self.config.save_every
+        if self.stop_signal is not None or (every and self.engine.step % every == 0):
+            self.save_checkpoint()
+        if self.stop_signal is not None:
+            name = signal.Signals(self.stop_signal).name
+            raise RunStopped(f"stopped by {name} after step {self.engine.step}; checkpoint saved to "
+                             f"{self.last_checkpoint}; continue with --resume auto", exit_code=128 + self.stop_signal)
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Stop at the next step boundary, after saving a checkpoint (what SIGINT/SIGTERM do)."""
+        self.stop_signal = signum
 
     def _evaluation_due(self, step: int) -> bool:
         every, last = self.config.eval_every, step == self.config.steps - 1
@@ -118,7 +156,7 @@ class Trainer:
         val_history = [r["val_loss"] for r in self.history if "val_loss" in r]
         summary = {"steps": self.engine.step, "final_loss": self.history[-1]["loss"] if self.history else None,
                    "val_loss": val_history[-1] if val_history else None,
-                   "first_val_loss": val_history[0] if val_history else None,
+                   "initial_val_loss": getattr(self, "initial_val_loss", None),
                    "val_perplexity": perplexity(val_history[-1]) if val_history else None,
                    "skipped_steps": self.engine.nonfinite_total, "weights": str(final)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
