@@ -1,0 +1,42 @@
+"""The CLI is a thin layer: bad arguments get one line naming the flag and the fix, exit 2."""
+import subprocess
+import sys
+
+import pytest
+
+from streamtrain.run import main
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--steps", "0"], "--steps"),
+    (["--model", "llama-8b"], "--model"),
+    (["--lr", "-1"], "--lr"),
+    (["--seq-len", "4096"], "--seq-len"),
+    (["--warmup", "999"], "--warmup"),
+    (["--data", "/no/such/path"], "data path"),
+    (["--clip-per-tensor", "0"], "--clip-per-tensor"),
+])
+def test_bad_arguments_give_one_line_naming_the_flag(argv, flag, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and flag in err and "\n" not in err
+
+
+def test_unknown_choice_is_rejected_by_argparse(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--method", "sgd"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_model_list_prints_every_preset(capsys):
+    assert main(["--model", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "llama-7b" in out and "byte-tiny" in out and "6.74B" in out
+
+
+def test_no_traceback_reaches_the_user_from_a_subprocess(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "streamtrain.run", "--data", str(tmp_path / "x"),
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "does not exist" in result.stderr
