@@ -15,7 +15,9 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None 
     # adding to the low 16 bits carries into the kept bits with probability (low bits / 2^16)
     rounded = (bits + noise) & -65536  # clear the low 16 bits (0xFFFF0000 as int32)
     out = rounded.view(torch.float32)
-    # inf/nan stay as they are (the carry could otherwise turn a large finite value into inf)
+    # inf/nan stay as they are: truncating a NaN whose payload sits only in the low 16 bits would
+    # give inf, and a carry can wrap the largest NaN patterns to 0. (A finite value above the
+    # largest bf16 may still round up to inf, as it does with round-to-nearest.)
     out = torch.where(torch.isfinite(x), out, x)
     return out.to(torch.bfloat16)
 
