@@ -14,7 +14,8 @@ on refresh steps).
 import torch
 
 from ..optim.adam import adam_direction
-from ..optim.projector import project, project_back, projected_shape, projection_side, svd_basis
+from ..optim.projector import (low_rank_view, project, project_back, projected_shape, projection_side,
+                                svd_basis)
 from ..optim.state import make_state, working
 from .base import Rule, add_to_buffer, apply_update, common_state, maybe_clip, take_buffer
 
@@ -58,7 +59,7 @@ class GaLore(Rule):
         return state["refresh_step"] < 0 or ctx.step - state["refresh_step"] >= self.gap
 
     def refresh(self, state, grad, ctx) -> None:
-        state["basis"].copy_(svd_basis(grad, state["rank"], state["side"]))
+        active_basis(state).copy_(svd_basis(grad, state["rank"], state["side"]))
         state["refresh_step"] = ctx.step
         state["refreshes"] += 1
 
@@ -72,35 +73,53 @@ class GaLore(Rule):
             return
         if ctx.is_first and self.refresh_due(state, ctx):
             self.refresh(state, grad, ctx)
-        add_to_buffer(state, "grad_acc", project(grad, state["basis"], state["side"]))
+        add_to_buffer(state, "grad_acc", project(grad, active_basis(state), state["side"]))
 
     def update(self, param, grad, state, ctx):
+        low, grad_sq = self.step_gradient(grad, state, ctx)
+        self.low_rank_step(param, low, state, ctx)
+        return grad_sq
+
+    def step_gradient(self, grad, state, ctx):
+        """The step's projected gradient (buffered micro-batches plus `grad`, in working precision,
+        the basis refreshed first when due) and its squared norm for the global grad-norm report."""
         full = None
         if self._sums_full_gradient(state, ctx):
             full = take_buffer(state, "full_grad_acc", grad)
             self.refresh(state, full, ctx)
-            low = working(project(full, state["basis"], state["side"]))
+            low = working(project(full, active_basis(state), state["side"]))
         else:
             if ctx.is_first and self.refresh_due(state, ctx):
                 self.refresh(state, grad, ctx)
             if ctx.accumulate == 1:
                 full = grad
-            low = take_buffer(state, "grad_acc", project(grad, state["basis"], state["side"]))
+            low = take_buffer(state, "grad_acc", project(grad, active_basis(state), state["side"]))
         # the true norm when the full step gradient is at hand, else the projected one (a lower bound)
         consumed = full if full is not None else low
         grad_sq = torch.linalg.vector_norm(consumed, dtype=working(consumed[:0]).dtype).square()
-        del full, consumed
+        return low, grad_sq
+
+    def low_rank_step(self, param, low, state, ctx) -> None:
+        """Adam on the projected step gradient `low` (the first `rank` rows or columns of the
+        moments), mapped back to the weight's shape and applied."""
         low = maybe_clip(low, ctx)
         state["step"] += 1
+        rank, side = state["rank"], state["side"]
         m, v = state["exp_avg"].read(), state["exp_avg_sq"].read()
-        low_direction = adam_direction(low, m, v, state["step"], *self.betas, self.eps)
+        low_direction = adam_direction(low, low_rank_view(m, rank, side), low_rank_view(v, rank, side),
+                                       state["step"], *self.betas, self.eps)
         state["exp_avg"].write(m)
         state["exp_avg_sq"].write(v)
-        direction = project_back(low_direction, state["basis"], state["side"]).mul_(self.scale)
+        direction = project_back(low_direction, active_basis(state), side).mul_(self.scale)
         apply_update(param, direction, state, ctx)
-        return grad_sq
 
     def config(self):
         return {"name": self.name, "rank": self.rank, "gap": self.gap, "scale": self.scale,
                 "betas": list(self.betas), "eps": self.eps, "states": self.states,
                 "subspace_from": self.subspace_from}
+
+
+def active_basis(state: dict) -> torch.Tensor:
+    """The basis columns in use: all of them for GaLore; the first `rank` of the capacity-sized
+    basis for rules whose rank changes (AdaRankGrad)."""
+    return state["basis"][:, :state["rank"]]
