@@ -58,6 +58,11 @@ class TrainConfig:
     eval_every: int = opt(50, "validation every N steps (0 = only at the end)")
     eval_batches: int = opt(8, "validation micro-batches per evaluation")
     progress: bool = opt(True, "show a progress bar")
+    # checkpoints
+    save_every: int = opt(200, "save a checkpoint every N steps (0: only at the end and on a stop signal)")
+    keep_checkpoints: int = opt(2, "keep the newest K checkpoints in <out>/checkpoints")
+    resume: str | None = opt(None, "continue from a checkpoint folder, or 'auto': the latest in --out "
+                                   "(none there: start fresh)")
 
     def validate(self) -> "TrainConfig":
         if self.model not in PRESETS:
@@ -80,6 +85,16 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 fail(flag(name), f"must be > 0, got {value}", "pass a positive number or leave it unset")
+        if self.save_every < 0:
+            fail("--save-every", f"must be >= 0, got {self.save_every}", "pass 0 (only at the end) or a step count")
+        if self.keep_checkpoints < 1:
+            fail("--keep-checkpoints", f"must be >= 1, got {self.keep_checkpoints}", "pass a positive integer")
+        if self.budget is not None:
+            from .memory.units import parse_bytes
+            try:
+                parse_bytes(self.budget)
+            except ValueError as e:
+                raise ConfigError(f"--budget: {e}") from None
         if self.eval_every < 0 or self.loss_chunk_tokens < 0 or self.max_data_bytes < 0:
             fail("--eval-every/--loss-chunk-tokens/--max-data-bytes", "must be >= 0", "pass 0 or a positive integer")
         return self

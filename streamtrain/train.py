@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, resolve, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, resolve, save_checkpoint, step_of
 from .config import TrainConfig
 from .data import TokenDataset, load_tokens, make_tokenizer
 from .engine import Engine, NonFiniteError
@@ -149,7 +149,49 @@ class Trainer:
         self.model.train(was_training)
         return sum(losses) / len(losses)
 
+    # -- checkpoints and faults -----------------------------------------------------------------
+    def identity(self) -> dict:
+        """What a checkpoint must share with this run to be resumed (the rules are checked too)."""
+        return {"model": asdict(self.model_config), "dtype": self.config.dtype}
+
+    def save_checkpoint(self) -> Path:
+        metadata = {"config": self.config.to_dict(), "initial_val_loss": getattr(self, "initial_val_loss", None)}
+        self.last_checkpoint = save_checkpoint(self.out, self.engine, position=self.position,
+                                               identity=self.identity(), metadata=metadata,
+                                               keep=self.config.keep_checkpoints)
+        return self.last_checkpoint
+
+    def resume(self, where: str) -> None:
+        """Continue from a checkpoint folder, or with 'auto' from the latest in --out (if any)."""
+        path = latest_checkpoint(self.out) if where == "auto" else resolve(where)
+        if path is None:
+            print(f"--resume auto: no checkpoint in {self.out}; starting fresh", file=sys.stderr)
+            return
+        record = load_checkpoint(path, self.engine, identity=self.identity())
+        self.position = record["position"]
+        if record["metadata"].get("initial_val_loss") is not None:
+            self.initial_val_loss = record["metadata"]["initial_val_loss"]
+        self.last_checkpoint = path
+        trim_metrics(self.out / "metrics.jsonl", self.engine.step)
+
+    def out_of_memory(self, error: Exception) -> "RunStopped":
+        """Write what is known about memory and say where the last (intact) checkpoint is; the
+        step in flight is not saved, as some of its weights may already have moved."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        report = self.out / "memory-report.txt"
+        lines = [f"out of memory in step {self.engine.step}, micro-batch {self.engine.micro_index}", str(error)]
+        if self.device.type == "cuda":
+            lines.append(torch.cuda.memory_summary(self.device))
+        report.write_text("\n".join(lines) + "\n")
+        last = latest_checkpoint(self.out)
+        first_line = (str(error).splitlines() or [""])[0]
+        return RunStopped(f"out of memory in step {self.engine.step} ({first_line}); memory report in {report}; "
+                          f"last checkpoint: {last or 'none'} (intact); lower --batch-size or enable "
+                          "--activation-checkpointing", exit_code=1)
+
     def finish(self) -> dict:
+        if self.last_checkpoint is None or step_of(self.last_checkpoint) != self.engine.step:
+            self.save_checkpoint()
         self.engine.detach()
         final = self.out / "final"
         save_hf(dict(self.model.named_parameters()), self.model_config, final)
@@ -161,6 +203,51 @@ class Trainer:
                    "skipped_steps": self.engine.nonfinite_total, "weights": str(final)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+class RunStopped(RuntimeError):
+    """The run stopped early on purpose (signal, non-finite steps, out of memory); the message is
+    one line for the user and `exit_code` is the CLI's exit status."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def stop_signals_caught(trainer: Trainer):
+    """While training, SIGINT and SIGTERM ask for a stop at the next step boundary (after a
+    checkpoint); a second signal stops at once. Signal handlers exist only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer.stop_signal is not None:
+            raise KeyboardInterrupt
+        trainer.request_stop(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records of steps at or after `step` (written after the checkpoint a run resumes
+    from), so the resumed run's records follow on without duplicates."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def train(config: TrainConfig) -> dict:
