@@ -151,6 +151,13 @@ class AdaRankGrad(GaLore):
         self.low_rank_step(param, low, state, ctx)
         return grad_sq
 
+    # -- checkpoints (the rule-level hooks of streamtrain/checkpoint.py) --------------------------
+    def state_extra(self, engine) -> dict:
+        return self.queue.state()
+
+    def load_state_extra(self, engine, extra) -> None:
+        self.queue.load_state(extra)
+
     # -- inspection ----------------------------------------------------------------------------
     def ranks(self, engine) -> dict[str, int]:
         """{parameter name: active rank} of the matrices this rule governs in `engine`."""
@@ -169,13 +176,23 @@ class RefreshQueue:
     """The per-step refresh cap. Each logical step grants at most `cap` refreshes; a due matrix
     refused for lack of room is queued with the step it was first refused, and queued matrices
     are served oldest first, before any matrix that became due later, so every wait is bounded.
-    Lives in the rule object (not checkpointed: after a resume the queue rebuilds itself)."""
+    Lives in the rule object; checkpoints save it through AdaRankGrad.state_extra, so a resumed
+    run grants the same refreshes as an uninterrupted one."""
 
     def __init__(self):
         self.step = None       # the logical step being counted
         self.granted = 0       # refreshes granted in it
         self.seen = set()      # matrices that asked in it
         self.waiting = {}      # matrix index -> step it was first refused
+
+    def state(self) -> dict:
+        """What carries over a step boundary: who asked last step and who is waiting since when."""
+        return {"seen": sorted(self.seen), "waiting": sorted([i, since] for i, since in self.waiting.items())}
+
+    def load_state(self, state: dict) -> None:
+        self.step, self.granted = None, 0
+        self.seen = set(state["seen"])
+        self.waiting = {i: since for i, since in state["waiting"]}
 
     def grant(self, index: int, step: int, due: bool, cap: int) -> bool:
         if step != self.step:
