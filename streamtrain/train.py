@@ -83,10 +83,10 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         bar = tqdm(total=c.steps, initial=self.engine.step, disable=not c.progress, desc="train", unit="step")
-        if self.engine.step == 0:
-            self.initial_val_loss = self.evaluate()  # the baseline every later val loss is read against
         mode = "a" if self.engine.step else "w"  # a resumed run appends to its own history
         try:
+            if self.engine.step == 0:
+                self.initial_val_loss = self.evaluate()  # the baseline every later val loss is read against
             with open(self.out / "metrics.jsonl", mode) as metrics, stop_signals_caught(self):
                 self._train_steps(metrics, bar)
         except NonFiniteError as e:  # the skipped steps left weights and states untouched: save them
