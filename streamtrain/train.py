@@ -127,7 +127,7 @@ class Trainer:
         every = self.config.save_every
         if self.stop_signal is not None or (every and self.engine.step % every == 0):
             self.save_checkpoint()
-        if self.stop_signal is not None:
+        if self.stop_signal is not None and self.engine.step < self.config.steps:  # else finish normally
             name = signal.Signals(self.stop_signal).name
             raise RunStopped(f"stopped by {name} after step {self.engine.step}; checkpoint saved to "
                              f"{self.last_checkpoint}; continue with --resume auto", exit_code=128 + self.stop_signal)
