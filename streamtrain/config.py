@@ -43,6 +43,23 @@ class TrainConfig:
     rank: int = opt(128, "GaLore projection rank (clamped to each matrix's smaller side)")
     galore_gap: int = opt(200, "GaLore subspace refresh interval in logical steps")
     galore_scale: float = opt(0.25, "GaLore update scale")
+    # lora / relora (--rank is the adapter rank)
+    lora_targets: str = opt("all-linear", "LoRA targets: 'all-linear' or comma-separated module names/regexes")
+    lora_alpha: float = opt(32.0, "LoRA alpha (scale alpha/rank)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA adapter input")
+    rslora: bool = opt(False, "rank-stabilised LoRA scale alpha/sqrt(rank)")
+    relora_warm_start: int = opt(-1, "ReLoRA full-rank warm-start steps (-1: 25%% of --steps)")
+    relora_cycle: int = opt(-1, "ReLoRA steps between merges (-1: 25%% of --steps)")
+    relora_restart_warmup: int = opt(-1, "ReLoRA LR re-warmup steps after each merge (-1: 10%% of the cycle)")
+    relora_keep_fraction: float = opt(0.1, "fraction of adapter optimizer state kept at each merge")
+    relora_prune: str = opt("magnitude", "how ReLoRA prunes adapter state", choices=("magnitude", "random"))
+    # adarankgrad (--rank is r_max, --galore-gap the maximum refresh interval)
+    eta: float = opt(0.9, "AdaRankGrad: fraction of gradient energy the chosen rank keeps")
+    r_min: int = opt(8, "AdaRankGrad: smallest rank")
+    converge_threshold: float = opt(0.5, "AdaRankGrad: refresh when the projected gradient norm falls "
+                                         "below this fraction of its value at the last refresh")
+    refresh_share: float = opt(0.25, "AdaRankGrad: at most this share of matrices refresh per step")
+    svd: str = opt("randomized", "AdaRankGrad subspace: randomized or exact SVD", choices=("randomized", "exact"))
     states: str = opt("fp32", "optimizer state storage precision", choices=PRECISIONS)
     dtype: str = opt("float32", "weight dtype (bfloat16 uses stochastic rounding)", choices=DTYPES)
     stochastic_rounding: bool = opt(True, "stochastic rounding of bf16 weight updates")
@@ -98,6 +115,20 @@ class TrainConfig:
         if self.eval_every < 0 or self.loss_chunk_tokens < 0 or self.max_data_bytes < 0:
             fail("--eval-every/--loss-chunk-tokens/--max-data-bytes", "must be >= 0", "pass 0 or a positive integer")
         return self
+
+    def relora_options(self) -> dict:
+        quarter = max(1, self.steps // 4)
+        cycle = quarter if self.relora_cycle == -1 else self.relora_cycle
+        return {"alpha": self.lora_alpha, "dropout": self.lora_dropout, "rslora": self.rslora,
+                "warm_start_steps": quarter if self.relora_warm_start == -1 else self.relora_warm_start,
+                "cycle": cycle, "keep_fraction": self.relora_keep_fraction, "prune": self.relora_prune,
+                "restart_warmup": max(1, cycle // 10) if self.relora_restart_warmup == -1 else self.relora_restart_warmup,
+                "seed": self.seed}
+
+    def adarank_options(self) -> dict:
+        return {"eta": self.eta, "r_min": min(self.r_min, self.rank), "svd": self.svd,
+                "converge_threshold": self.converge_threshold, "refresh_share": self.refresh_share,
+                "seed": self.seed}
 
     @property
     def warmup_steps(self) -> int:

@@ -17,9 +17,11 @@ from tqdm import tqdm
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve, save_checkpoint, step_of
 from .config import TrainConfig
 from .data import TokenDataset, load_tokens, make_tokenizer
-from .engine import Engine, NonFiniteError
+from .engine import Engine, NonFiniteError, unique
 from .hf import load_hf_weights, save_hf
 from .methods import assign_rules
+from .models.lora import apply_lora, has_lora, merged_state_dict, save_peft_adapter
+from .rules.lora import ReLoRA
 from .models.llama import build_model, perplexity
 from .models.presets import get_config
 from .optim.schedule import CosineSchedule
@@ -37,12 +39,33 @@ def resolve_device(name: str) -> torch.device:
 
 def build_rules(model, config: TrainConfig) -> dict:
     return assign_rules(model, config.method, rank=config.rank, gap=config.galore_gap,
-                        scale=config.galore_scale, states=config.states)
+                        scale=config.galore_scale, states=config.states,
+                        relora=config.relora_options(), adarank=config.adarank_options())
+
+
+def prepare_model(model, config: TrainConfig) -> None:
+    """Method-specific model surgery, after any base weights are loaded: LoRA adapters."""
+    if config.method == "lora":
+        targets = "all-linear" if config.lora_targets == "all-linear" else config.lora_targets.split(",")
+        apply_lora(model, targets, rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                   rslora=config.rslora, seed=config.seed)
+
+
+def sync_structure(engine: Engine) -> None:
+    """Let rules that change the model's structure (ReLoRA's wrap) match the engine's clock:
+    at the start (a zero-step warm start) and after a resume (before weights are loaded)."""
+    for rule in unique(engine.rules.values()):
+        if hasattr(rule, "sync"):
+            rule.sync(engine)
 
 
 def build_engine(model, config: TrainConfig, **engine_options) -> Engine:
     schedule = CosineSchedule(config.lr, config.steps, config.warmup_steps, config.min_lr_ratio)
-    return Engine(model, build_rules(model, config), schedule=schedule, accumulate=config.accumulate,
+    rules = build_rules(model, config)
+    relora = next((r for r in rules.values() if isinstance(r, ReLoRA)), None)
+    if relora is not None:  # ReLoRA's jagged cosine restarts the LR after every merge
+        schedule = relora.schedule(schedule)
+    return Engine(model, rules, schedule=schedule, accumulate=config.accumulate,
                   weight_decay=config.weight_decay, clip_per_tensor=config.clip_per_tensor,
                   norm_growth=config.norm_growth, stochastic_rounding=config.stochastic_rounding,
                   **engine_options)
@@ -69,7 +92,9 @@ class Trainer:
                                  loss_chunk_tokens=config.loss_chunk_tokens)
         if config.init_from:
             load_hf_weights(self.model, config.init_from)
+        prepare_model(self.model, config)
         self.engine = build_engine(self.model, config).attach()
+        sync_structure(self.engine)
         self.position = 0        # training micro-batches consumed (the data position)
         self.history = []
         self.stop_signal = None  # set by SIGINT/SIGTERM (or request_stop): checkpoint, then stop
@@ -194,7 +219,12 @@ class Trainer:
             self.save_checkpoint()
         self.engine.detach()
         final = self.out / "final"
-        save_hf(dict(self.model.named_parameters()), self.model_config, final)
+        if has_lora(self.model):  # HF weights with the adapters merged in; LoRA also exports for peft
+            save_hf(merged_state_dict(self.model), self.model_config, final)
+            if self.config.method == "lora":
+                save_peft_adapter(self.model, self.out / "adapter", self.config.init_from)
+        else:
+            save_hf(dict(self.model.named_parameters()), self.model_config, final)
         val_history = [r["val_loss"] for r in self.history if "val_loss" in r]
         summary = {"steps": self.engine.step, "final_loss": self.history[-1]["loss"] if self.history else None,
                    "val_loss": val_history[-1] if val_history else None,
