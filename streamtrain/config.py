@@ -68,7 +68,13 @@ class TrainConfig:
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward")
     loss_chunk_tokens: int = opt(0, "compute the loss in chunks of this many tokens (0 = all at once)")
     # where and how
-    budget: str | None = opt(None, "memory budget such as 24GB or 22.5GiB (on CPU: tracked tensor bytes)")
+    budget: str | None = opt(None, "memory budget, e.g. 24GB (10^9 bytes) or 22.5GiB (2^30): the run is planned "
+                                   "first and refused if it does not fit; on CUDA it covers the whole process "
+                                   "(allocator capped, context included), on CPU it applies to tracked tensor bytes")
+    dry_run: bool = opt(False, "plan memory only: write memory.json/.md/.png into --out (with --budget: search "
+                               "the largest micro-batch that fits), allocate nothing, train nothing")
+    plan_full_depth: bool = opt(False, "plan by simulating every layer (slower) instead of 2 and 3 layers "
+                                       "extrapolated (exact for identical layers)")
     device: str = opt("auto", "device: auto picks cuda when present", choices=DEVICES)
     seed: int = opt(0, "seed for weights, data order and sampling")
     out: str = opt("runs/latest", "output folder: metrics, checkpoints, reports")

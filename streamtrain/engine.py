@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .optim.schedule import ConstantSchedule
 from .rules.base import Rule, StepContext
@@ -176,8 +177,8 @@ class Engine:
         skipped = self._step_bad
         self.nonfinite_total += skipped
         self.nonfinite_in_row = self.nonfinite_in_row + 1 if skipped else 0
-        loss = float(self._loss_sum) / self.accumulate
-        grad_norm = math.nan if skipped else math.sqrt(float(self._grad_sq))
+        loss = value_of(self._loss_sum) / self.accumulate
+        grad_norm = math.nan if skipped else math.sqrt(value_of(self._grad_sq))
         return StepReport(ctx.step, loss, ctx.lr, grad_norm, skipped, self.nonfinite_total)
 
     # -- clock and context ---------------------------------------------------------------------
@@ -209,6 +210,12 @@ class Engine:
     # -- inspection ----------------------------------------------------------------------------
     def rule_names(self) -> dict[str, str]:
         return {n: r.name for n, r in self.rules.items()}
+
+
+def value_of(t: torch.Tensor) -> float:
+    """A 0-d tensor as a float; NaN for fake tensors (the memory planner runs the engine on
+    FakeTensorMode, where tensors have shapes but no values)."""
+    return math.nan if is_fake(t) else float(t)
 
 
 def discard_buffers(state: dict) -> None:

@@ -50,6 +50,8 @@ def main(argv=None) -> int:
 
 
 def done_line(summary: dict) -> str:
+    if summary.get("dry_run"):
+        return summary["message"]
     line = f"done: {summary['steps']} steps"
     if summary.get("val_loss") is not None:  # None when a resumed run had no step left to take
         start = summary.get("initial_val_loss")

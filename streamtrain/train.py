@@ -19,6 +19,10 @@ from .config import TrainConfig
 from .data import TokenDataset, load_tokens, make_tokenizer
 from .engine import Engine, NonFiniteError, unique
 from .hf import load_hf_weights, save_hf
+from .memory.planner import plan_before_training
+from .memory.profiler import BudgetExceeded, RunProfiler
+from .memory.report import build_report, dry_run, write_report
+from .memory.units import parse_bytes
 from .methods import assign_rules
 from .models.lora import apply_lora, has_lora, merged_state_dict, save_peft_adapter
 from .rules.lora import ReLoRA
@@ -85,6 +89,7 @@ class Trainer:
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but {config.model} "
                              f"only {self.model_config.vocab_size}; pick a preset with a larger vocab")
+        self.plan = plan_before_training(config)  # with --budget: refuses before anything real is allocated
         tokens = load_tokens(config.data, self.tokenizer, config.max_data_bytes or None, config.text_field)
         self.dataset = TokenDataset(tokens, config.seq_len, seed=config.seed)
         self.model = build_model(self.model_config, self.device, DTYPES[config.dtype], seed=config.seed,
@@ -101,6 +106,8 @@ class Trainer:
         self.last_checkpoint = None
         if config.resume:
             self.resume(config.resume)
+        self.profiler = RunProfiler(self.model, self.engine, self.device,
+                                    parse_bytes(config.budget) if config.budget else None)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -112,8 +119,12 @@ class Trainer:
         try:
             if self.engine.step == 0:
                 self.initial_val_loss = self.evaluate()  # the baseline every later val loss is read against
-            with open(self.out / "metrics.jsonl", mode) as metrics, stop_signals_caught(self):
+            with open(self.out / "metrics.jsonl", mode) as metrics, stop_signals_caught(self), self.profiler.tracking():
                 self._train_steps(metrics, bar)
+        except BudgetExceeded as e:  # at a step boundary: weights and states are whole, save them
+            checkpoint = self.save_checkpoint()
+            report = self.write_memory_report()
+            raise RunStopped(f"{e}; memory report in {report}; checkpoint saved to {checkpoint}", exit_code=1) from None
         except NonFiniteError as e:  # the skipped steps left weights and states untouched: save them
             raise RunStopped(f"{e}; checkpoint saved to {self.save_checkpoint()}", exit_code=3) from None
         except torch.OutOfMemoryError as e:  # mid-step: weights may be half updated, keep the last checkpoint
@@ -145,6 +156,7 @@ class Trainer:
             bar.set_postfix(loss=f"{report.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
             bar.update(1)
+            self.profiler.after_step()
             self._at_step_boundary()
 
     def _at_step_boundary(self) -> None:
@@ -208,11 +220,16 @@ class Trainer:
         if self.device.type == "cuda":
             lines.append(torch.cuda.memory_summary(self.device))
         report.write_text("\n".join(lines) + "\n")
+        self.write_memory_report()
         last = latest_checkpoint(self.out)
         first_line = (str(error).splitlines() or [""])[0]
         return RunStopped(f"out of memory in step {self.engine.step} ({first_line}); memory report in {report}; "
                           f"last checkpoint: {last or 'none'} (intact); lower --batch-size or enable "
                           "--activation-checkpointing", exit_code=1)
+
+    def write_memory_report(self) -> Path:
+        """memory.json/.md/.png in --out: the plan next to what this run measured."""
+        return write_report(self.out, build_report("run", self.config, self.plan, self.profiler.measured()))[1]
 
     def finish(self) -> dict:
         if self.last_checkpoint is None or step_of(self.last_checkpoint) != self.engine.step:
@@ -232,6 +249,7 @@ class Trainer:
                    "val_perplexity": perplexity(val_history[-1]) if val_history else None,
                    "skipped_steps": self.engine.nonfinite_total, "weights": str(final)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.write_memory_report()
         return summary
 
 
@@ -281,5 +299,8 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 def train(config: TrainConfig) -> dict:
-    """Library entry point: train according to `config`, return the summary."""
+    """Library entry point: train according to `config`, return the summary (with --dry-run:
+    plan, write the memory report, and return without training)."""
+    if config.dry_run:
+        return dry_run(config.validate())
     return Trainer(config).run()

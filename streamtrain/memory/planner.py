@@ -1,0 +1,398 @@
+"""The memory planner: run the real model, engine and rules on fake tensors, then fit a budget.
+
+A plan is a simulation, not a formula. The model is built on the meta device, its parameters are
+materialised as fake CPU tensors, and the same `prepare_model` / `build_engine` the Trainer uses
+run two logical steps under `FakeTensorMode` with the MemoryTracker counting every tensor. The
+tensor peak (by category, with the phase that set it) plus the device's own overheads (device.py)
+is the plan. Micro-batches 2..k-1 of a logical step repeat micro-batch 1 (same buffers, same
+temporaries), so k is simulated as min(k, 2).
+
+Depth. Fake tensors cost ~0.2-0.5 ms per op, so 32 layers x 2 steps of llama-7b take ~30-60 s.
+Every per-layer quantity (weights, states, bases, buffers, saved activations) is linear in the
+number of identical layers, so a model deeper than 4 layers is simulated at 2 and 3 layers and
+each phase's bytes are extrapolated to the full depth; phases of the middle layers lie between
+those of the bottom and the top layer, which are kept. This is exact (the tests compare it with
+a full-depth simulation); `full_depth=True` (--plan-full-depth) simulates every layer instead.
+
+The search varies the knobs for the most tokens per micro-batch that fit: micro-batch size,
+chunked loss and activation checkpointing (the same math), then state precision and rank (not
+the same math, tried only when needed). Each candidate is simulated at two micro-batch sizes for
+one logical step; each phase's bytes are affine in the micro-batch size, which gives the largest
+one that fits.
+"""
+import contextlib
+import math
+import re
+import time
+from dataclasses import replace
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ..config import TrainConfig
+from ..models.llama import build_model
+from ..models.presets import get_config
+from ..optim.state import PRECISIONS
+from .device import overhead_lines, svd_workspace_bytes
+from .tracker import CATEGORIES, MemoryTracker
+from .units import format_bytes, parse_bytes
+
+SIMULATED_STEPS = 2
+SHALLOW_LAYERS = (2, 3)
+SEARCH_LOSS_CHUNK = 1024       # tokens per loss chunk when the search turns chunking on
+LOW_RANK_METHODS = ("galore", "adarankgrad", "lora", "relora")
+CATEGORY_NOTES = {
+    "weights": "parameters (and adapters)",
+    "gradients": "full gradients in flight + accumulation buffers",
+    "optimizer_states": "Adam moments (and their 8-bit scales)",
+    "projectors": "GaLore bases, in the weight dtype",
+    "activations": "saved for backward (recomputed blocks included)",
+    "loss": "final norm, logits, fp32 upcast, cross-entropy",
+    "temporaries": "backward and update-rule scratch",
+}
+
+
+class PlanRefused(ValueError):
+    """The run does not fit its budget; the message names the smallest budget that would."""
+
+
+def plan_target(config: TrainConfig) -> str:
+    if config.device != "auto":
+        return config.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- one simulation ------------------------------------------------------------------------------
+def simulate(config: TrainConfig, model_config=None, *, steps: int = SIMULATED_STEPS, round_to: int = 1,
+             fake: bool = True) -> dict:
+    """`steps` logical steps of `config` on fake tensors; the tracker's summary plus timing.
+    fake=False runs the very same steps on real CPU tensors (what the planner is tested against)."""
+    from ..optim.quant8 import code_map
+    from ..train import DTYPES, build_engine, prepare_model, sync_structure  # train imports the planner
+    started = time.perf_counter()
+    model_config = model_config or get_config(config.model, **config.model_overrides)
+    config = replace(config, accumulate=min(config.accumulate, 2))
+    for signed in (True, False):  # real, cached constant tables: a fake one must never be cached
+        code_map(signed, "cpu")
+    model = build_model(model_config, "meta" if fake else "cpu", DTYPES[config.dtype], seed=config.seed,
+                        activation_checkpointing=config.activation_checkpointing,
+                        loss_chunk_tokens=config.loss_chunk_tokens)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    if fake:
+        mode.cache_enabled = False  # its cache costs more than it saves on these op mixes
+    tracker = MemoryTracker(round_to=round_to, timeline_steps=steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    with mode:
+        if fake:
+            materialize(model)
+        prepare_model(model, config)
+        engine = build_engine(model, config, skip_nonfinite=False).attach()
+        sync_structure(engine)
+        with tracker:
+            tracker.watch(model, engine)
+            for _ in range(steps * config.accumulate):
+                shape = (config.batch_size, config.seq_len)
+                inputs = torch.randint(0, model_config.vocab_size, shape, generator=None if fake else generator)
+                targets = torch.randint(0, model_config.vocab_size, shape, generator=None if fake else generator)
+                engine.backward(model(inputs, targets))
+            tracker.unwatch()
+    summary = tracker.summary()
+    summary["simulated"] = {"layers": model_config.num_hidden_layers, "logical_steps": steps,
+                            "micro_batches_per_step": config.accumulate, "fake": fake,
+                            "seconds": round(time.perf_counter() - started, 2)}
+    return summary
+
+
+def materialize(model: nn.Module) -> None:
+    """Replace meta parameters and buffers by (fake, under FakeTensorMode) CPU tensors."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                        requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+
+
+# -- a plan --------------------------------------------------------------------------------------
+def breakdown(target: str, peak: dict, timeline: list[dict], budget: int | None) -> dict:
+    """Category lines of the tensor peak, the device's overhead lines, the total and the verdict."""
+    categories = [{"label": c, "bytes": int(peak["by_category"].get(c, 0)), "note": CATEGORY_NOTES[c]}
+                  for c in CATEGORIES]
+    overheads = overhead_lines(target, peak, svd_extra(timeline, peak["total"]))
+    total = peak["total"] + sum(o["bytes"] for o in overheads)
+    return {"categories": categories, "overheads": overheads, "tensor_peak": peak["total"],
+            "total": total, "fits": budget is None or total <= budget}
+
+
+def plan_config(config: TrainConfig, target: str | None = None, budget: int | None = None,
+                full_depth: bool = False) -> dict:
+    """The plan of `config` exactly as given: simulated at full depth when asked (or when the
+    model is shallow anyway), else at 2 and 3 layers and extrapolated phase by phase."""
+    target = target or plan_target(config)
+    model_config = get_config(config.model, **config.model_overrides)
+    depth = model_config.num_hidden_layers
+    round_to = 512 if target == "cuda" else 1
+    if full_depth or depth <= max(SHALLOW_LAYERS) + 1:
+        summary = simulate(config, model_config, round_to=round_to)
+        summary["simulated"]["method"] = f"all {depth} layers simulated"
+    else:
+        shallow = {L: simulate(config, replace(model_config, num_hidden_layers=L), round_to=round_to)
+                   for L in SHALLOW_LAYERS}
+        summary = extrapolate_summary(shallow, depth)
+    return {"target": target, "budget": budget, "peak": summary["peak"],
+            **breakdown(target, summary["peak"], summary["timeline"], budget),
+            "max_by_category": summary["max_by_category"], "step_peaks": summary["step_peaks"],
+            "timeline": summary["timeline"], "simulated": summary["simulated"]}
+
+
+def plan_run(config: TrainConfig, *, search: bool = False, full_depth: bool = False) -> dict:
+    """Plan `config` for its budget (if any); nothing real is allocated. Raises PlanRefused when
+    nothing in the search space fits; otherwise returns the plan, with the search's candidates
+    when `search` is set or the configuration as given does not fit."""
+    target = plan_target(config)
+    budget = parse_bytes(config.budget) if config.budget else None
+    if budget is not None:  # cheap (one step, one sequence, shallow): refuse a hopeless budget first
+        hopeless = frugal_check(config, target, budget)
+        if hopeless is not None:
+            raise PlanRefused(hopeless)
+    plan = plan_config(config, target, budget, full_depth)
+    if budget is not None and (search or not plan["fits"]):
+        plan["search"] = search_knobs(config, target, budget)
+    return plan
+
+
+# -- extrapolation in depth ----------------------------------------------------------------------
+def extrapolate_summary(shallow: dict, depth: int) -> dict:
+    """A tracker summary at `depth` layers from summaries at the two SHALLOW_LAYERS depths: each
+    phase's bytes by category, each category's maximum and the allocator rounding, linear in the
+    layer count. The timeline keeps the bottom and top layer's phases (the middle ones lie between)."""
+    low, high = (shallow[L] for L in SHALLOW_LAYERS)
+    tables = {L: phase_table(shallow[L]["timeline"], L) for L in SHALLOW_LAYERS}
+    timeline = []
+    for key in tables[SHALLOW_LAYERS[1]]:
+        if key in tables[SHALLOW_LAYERS[0]]:
+            at_peak = linear_in_depth(*(tables[L][key]["at_peak"] for L in SHALLOW_LAYERS), depth)
+            record = {"step": key[0], "micro": key[1], "phase": key[2], "peak": sum(at_peak.values()),
+                      "at_peak": at_peak}
+            if "svd" in tables[SHALLOW_LAYERS[1]][key]:  # matrix shapes do not change with depth
+                record["svd"] = tables[SHALLOW_LAYERS[1]][key]["svd"]
+            timeline.append(record)
+    top = max(timeline, key=lambda r: r["peak"])
+    rounding = linear_in_depth({"r": low["peak"]["rounded_total"] - low["peak"]["total"]},
+                               {"r": high["peak"]["rounded_total"] - high["peak"]["total"]}, depth)["r"]
+    peak = {"total": top["peak"], "rounded_total": top["peak"] + rounding, "phase": top["phase"],
+            "step": top["step"], "micro": top["micro"], "by_category": top["at_peak"]}
+    step_peaks = []
+    for step in sorted({r["step"] for r in timeline}):
+        best = max((r for r in timeline if r["step"] == step), key=lambda r: r["peak"])
+        step_peaks.append({"step": step, "total": best["peak"], "phase": best["phase"], "micro": best["micro"],
+                           "by_category": best["at_peak"]})
+    simulated = {**high["simulated"], "layers": depth, "seconds": low["simulated"]["seconds"] + high["simulated"]["seconds"],
+                 "method": f"simulated at {SHALLOW_LAYERS[0]} and {SHALLOW_LAYERS[1]} layers, extrapolated "
+                           f"per phase to {depth} (exact: every per-layer quantity is linear in depth)"}
+    return {"peak": peak, "timeline": timeline, "step_peaks": step_peaks,
+            "max_by_category": linear_in_depth(low["max_by_category"], high["max_by_category"], depth),
+            "simulated": simulated}
+
+
+def linear_in_depth(low: dict, high: dict, depth: int) -> dict:
+    """Per-key bytes at `depth` layers from the values at the two SHALLOW_LAYERS depths."""
+    (l0, l1), keys = SHALLOW_LAYERS, set(low) | set(high)
+    return {k: max(0, round(low.get(k, 0) + (depth - l0) * (high.get(k, 0) - low.get(k, 0)) / (l1 - l0)))
+            for k in keys}
+
+
+def plan_before_training(config: TrainConfig) -> dict | None:
+    """What the Trainer runs before allocating anything. With a budget: the plan, or PlanRefused
+    naming what would fit. Without one the plan is only for the report, so a configuration the
+    planner cannot simulate trains anyway (None)."""
+    try:
+        plan = plan_run(config, full_depth=config.plan_full_depth)
+    except PlanRefused:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a planner limitation must not block an unbudgeted run
+        if config.budget:
+            raise PlanRefused(f"--budget needs a memory plan, and planning failed ({type(e).__name__}: {e}); "
+                              "run without --budget") from e
+        return None
+    if not plan["fits"]:
+        raise PlanRefused(refusal_message(config, plan))
+    return plan
+
+
+def refusal_message(config: TrainConfig, plan: dict) -> str:
+    """One line: what the run needs, what the budget is, and what would fit instead."""
+    need = format_bytes(plan["total"])
+    message = (f"{config.model} with these settings needs {need} but --budget {config.budget} is "
+               f"{format_bytes(plan['budget'])}")
+    best = (plan.get("search") or {}).get("best")
+    if best is not None:
+        message += f"; what fits: {flags_of(best)} ({best['tokens_per_micro_batch']} tokens per micro-batch)"
+    return message + f"; or raise --budget to at least {format_bytes(plan['total'])}"
+
+
+# -- the search ----------------------------------------------------------------------------------
+def ladder(config: TrainConfig) -> list[dict]:
+    """Cumulative memory-saving changes, least intrusive first. 'exact' rungs keep the math."""
+    rungs, changes = [{"name": "as configured", "changes": {}, "exact": True}], {}
+    if not config.loss_chunk_tokens:
+        changes = {**changes, "loss_chunk_tokens": SEARCH_LOSS_CHUNK}
+        rungs.append({"name": "+ chunked loss", "changes": changes, "exact": True})
+    if not config.activation_checkpointing:
+        changes = {**changes, "activation_checkpointing": True}
+        rungs.append({"name": "+ activation checkpointing", "changes": changes, "exact": True})
+    for precision in PRECISIONS[PRECISIONS.index(config.states) + 1:]:
+        changes = {**changes, "states": precision}
+        rungs.append({"name": f"+ {precision} states", "changes": changes, "exact": False})
+    if config.method in LOW_RANK_METHODS:
+        for divisor in (2, 4, 8):
+            if config.rank // divisor >= 8:
+                changes = {**changes, "rank": config.rank // divisor}
+                rungs.append({"name": f"+ rank {config.rank // divisor}", "changes": changes, "exact": False})
+    return rungs
+
+
+def frugal_check(config: TrainConfig, target: str, budget: int) -> str | None:
+    """A quick refusal: the most frugal setting at one sequence per micro-batch. Returns the
+    refusal message when even that does not fit, else None."""
+    rung = ladder(config)[-1]
+    fit = fit_rung(config, rung, target, budget, batch_sizes=(1,))
+    if fit["min_budget"] <= budget:
+        return None
+    return (f"nothing fits in --budget {config.budget} = {format_bytes(budget)}: {config.model} needs at "
+            f"least {format_bytes(fit['min_budget'])} even with {flags_of(fit)} (1 sequence per "
+            f"micro-batch); raise --budget to at least {format_bytes(fit['min_budget'])}")
+
+
+def search_knobs(config: TrainConfig, target: str, budget: int) -> dict:
+    """Walk the ladder; for each rung the largest micro-batch that fits (extrapolated). Stops at
+    the first rung that holds a whole logical step, or the first inexact rung that fits."""
+    cap = config.batch_size * config.accumulate  # sequences per logical step
+    results = []
+    for rung in ladder(config):
+        fit = fit_rung(config, rung, target, budget, cap=cap)
+        results.append(fit)
+        if fit["max_batch_size"] >= cap or (not rung["exact"] and fit["max_batch_size"] >= 1):
+            break
+    fitting = [r for r in results if r["max_batch_size"] >= 1]
+    exact = [r for r in fitting if r["exact"]]
+    best = max(exact, key=lambda r: r["max_batch_size"]) if exact else (fitting[0] if fitting else None)
+    return {"rungs": results, "best": best, "sequences_per_step": cap,
+            "method": "simulated at 2 and 3 layers and two micro-batch sizes, extrapolated per phase"}
+
+
+def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) -> dict:
+    """The largest micro-batch (<= cap) of `rung` that fits `budget`, from shallow simulations at
+    two micro-batch sizes: each phase's device total is affine in the micro-batch size."""
+    trial = replace(config, **rung["changes"], accumulate=2 if cap > 1 or config.accumulate > 1 else 1)
+    model_config = get_config(config.model, **config.model_overrides)
+    depth = model_config.num_hidden_layers
+    shallow = depth > max(SHALLOW_LAYERS) + 1
+    if batch_sizes is None:  # large enough that chunked loss is active, as it will be at the answer
+        first = max(1, math.ceil(trial.loss_chunk_tokens / trial.seq_len)) if trial.loss_chunk_tokens else 1
+        batch_sizes = (first, 2 * first)
+    totals = {}
+    for B in batch_sizes:
+        runs = {L: simulate(replace(trial, batch_size=B), replace(model_config, num_hidden_layers=L), steps=1)
+                for L in (SHALLOW_LAYERS if shallow else (depth,))}
+        table = (extrapolate_summary(runs, depth) if shallow else runs[depth])["timeline"]
+        for record in table:
+            key = (record["step"], record["micro"], record["phase"])
+            totals.setdefault(key, []).append(device_total(target, record))
+    totals = {k: v for k, v in totals.items() if len(v) == len(batch_sizes)}
+    result = {"name": rung["name"], "exact": rung["exact"], "changes": rung["changes"], "budget": budget}
+
+    def needs(B):  # device total at micro-batch B: the largest phase
+        return max(interpolate(batch_sizes, t, B) for t in totals.values())
+
+    result["min_budget"] = int(needs(1))
+    if len(batch_sizes) == 1:
+        return {**result, "max_batch_size": 1 if result["min_budget"] <= budget else 0}
+    largest = largest_fitting(lambda B: needs(B) <= budget, cap)
+    best = dividing(largest, cap)
+    result.update(largest_fitting=largest, max_batch_size=best, tokens_per_micro_batch=best * config.seq_len,
+                  accumulate=max(1, round(cap / best)) if best else None,
+                  predicted_total=int(needs(best)) if best else None)
+    return result
+
+
+def phase_table(timeline: list[dict], layers: int) -> dict:
+    """{(step, micro, phase class): the timeline record}; the layer index in a
+    phase name becomes 'bottom' or 'top' (middle layers are dropped: they lie between the two)."""
+    table = {}
+    for record in timeline:
+        phase = phase_class(record["phase"], layers)
+        if phase is None:
+            continue
+        key = (record["step"], record["micro"], phase)
+        if key not in table or record["peak"] > table[key]["peak"]:
+            table[key] = record
+    return table
+
+
+_LAYER_INDEX = re.compile(r"(?<=layers\.)\d+|(?<=block )\d+")
+
+
+def phase_class(phase: str, layers: int) -> str | None:
+    match = _LAYER_INDEX.search(phase)
+    if match is None:
+        return phase
+    index = int(match.group())
+    where = "bottom" if index == 0 else "top" if index == layers - 1 else None
+    return None if where is None else phase[:match.start()] + where + phase[match.end():]
+
+
+def svd_extra(timeline: list[dict], tensor_peak: int) -> int | None:
+    """How far the largest SVD's cuSOLVER workspace lifts the peak: over the phases that ran an
+    SVD, (phase peak + workspace) - tensor peak, at least 0. None when no phase ran one."""
+    needs = [r["peak"] + svd_workspace_bytes(r["svd"]) for r in timeline if r.get("svd")]
+    return max(0, max(needs) - tensor_peak) if needs else None
+
+
+def device_total(target: str, record: dict) -> float:
+    """A phase's bytes on the device: its tensor peak plus the overheads (and the SVD workspace
+    if it ran an SVD)."""
+    tensors = sum(record["at_peak"].values())
+    peak = {"total": tensors, "rounded_total": tensors, "by_category": record["at_peak"]}
+    svd = svd_workspace_bytes(record["svd"]) if record.get("svd") else None
+    return tensors + sum(o["bytes"] for o in overhead_lines(target, peak, svd))
+
+
+def interpolate(xs, ys, x):
+    if len(xs) == 1:
+        return ys[0]
+    return ys[0] + (x - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0])
+
+
+def largest_fitting(fits, cap: int) -> int:
+    """The largest B in [0, cap] with fits(B) (fits is monotone: more sequences, more bytes)."""
+    if not fits(1):
+        return 0
+    low, high = 1, cap
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def dividing(batch_size: int, cap: int) -> int:
+    """The largest micro-batch <= batch_size that divides the logical step evenly (when one exists
+    above half of it), so accumulation reaches the same tokens per step."""
+    for b in range(batch_size, max(0, batch_size // 2), -1):
+        if cap % b == 0:
+            return b
+    return batch_size
+
+
+def flags_of(fit: dict) -> str:
+    """The command-line flags of a search result."""
+    parts = []
+    if "max_batch_size" in fit and fit.get("accumulate"):
+        parts.append(f"--batch-size {fit['max_batch_size']} --accumulate {fit['accumulate']}")
+    for key, value in fit["changes"].items():
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts) or "the configuration as given"
