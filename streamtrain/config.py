@@ -40,8 +40,9 @@ class TrainConfig:
     warmup: int = opt(-1, "linear warmup steps (-1: 10%% of --steps)")
     min_lr_ratio: float = opt(0.1, "cosine floor as a fraction of --lr")
     weight_decay: float = opt(0.0, "decoupled weight decay")
-    rank: int = opt(128, "GaLore projection rank (clamped to each matrix's smaller side)")
-    galore_gap: int = opt(200, "GaLore subspace refresh interval in logical steps")
+    rank: int = opt(128, "low rank of the method: GaLore projection rank, LoRA/ReLoRA adapter rank, "
+                         "AdaRankGrad's largest rank (clamped to each matrix's smaller side)")
+    galore_gap: int = opt(200, "GaLore subspace refresh interval in logical steps (AdaRankGrad: the longest)")
     galore_scale: float = opt(0.25, "GaLore update scale")
     # lora / relora (--rank is the adapter rank)
     lora_targets: str = opt("all-linear", "LoRA targets: 'all-linear' or comma-separated module names/regexes")
@@ -104,6 +105,16 @@ class TrainConfig:
         for name, allowed in (("method", METHODS), ("states", PRECISIONS), ("dtype", DTYPES), ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 fail(flag(name), f"unknown value {getattr(self, name)!r}", f"choose one of {', '.join(allowed)}")
+        for name in ("eta", "refresh_share"):
+            if not 0 < getattr(self, name) <= 1:
+                fail(flag(name), f"{getattr(self, name)} is outside (0, 1]", "pass a fraction such as 0.9")
+        if not 0 <= self.relora_keep_fraction <= 1:
+            fail("--relora-keep-fraction", f"{self.relora_keep_fraction} is outside [0, 1]", "pass a fraction")
+        if not 0 <= self.lora_dropout < 1:
+            fail("--lora-dropout", f"{self.lora_dropout} is outside [0, 1)", "pass a probability such as 0.05")
+        if self.r_min < 1 or self.lora_alpha <= 0 or self.converge_threshold < 0:
+            fail("--r-min/--lora-alpha/--converge-threshold", "must be positive (threshold >= 0)",
+                 "pass a positive value")
         for name in ("clip_per_tensor", "norm_growth"):
             value = getattr(self, name)
             if value is not None and not value > 0:

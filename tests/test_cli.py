@@ -40,3 +40,16 @@ def test_no_traceback_reaches_the_user_from_a_subprocess(tmp_path):
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--eta", "1.5"], "--eta"),
+    (["--refresh-share", "0"], "--refresh-share"),
+    (["--relora-keep-fraction", "2"], "--relora-keep-fraction"),
+    (["--lora-dropout", "1"], "--lora-dropout"),
+    (["--r-min", "0"], "--r-min"),
+])
+def test_method_options_are_validated_before_anything_is_built(argv, flag, capsys):
+    assert main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and flag in err and "\n" not in err
