@@ -112,15 +112,43 @@ class BlockwiseState8bit:
         return code_map(self.signed, self.codes.device)
 
     def read(self) -> torch.Tensor:
-        return dequantize_blockwise(self.codes, self.absmax, self.code, self.shape)
+        """The whole state in fp32, dequantized chunk by chunk (the scratch stays chunk-sized)."""
+        from .chunks import flat_chunks  # chunks.py builds on this module
+        out = torch.empty(self.shape, dtype=torch.float32, device=self.codes.device)
+        flat = out.view(-1)
+        for start, end in flat_chunks(self.codes.numel()):
+            flat[start:end] = self.read_range(start, end)
+        return out
 
     def write(self, value: torch.Tensor) -> None:
         if value.shape != self.shape:
             raise ValueError(f"8-bit state of shape {tuple(self.shape)} cannot store a tensor of "
                              f"shape {tuple(value.shape)}; write a tensor of the state's shape")
+        from .chunks import flat_chunks
+        flat = value.reshape(-1)
+        for start, end in flat_chunks(self.codes.numel()):
+            self.write_range(start, flat[start:end])
+
+    def read_range(self, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the flattened state in fp32; only their blocks are decoded."""
+        self._check_range(start, end)
+        blocks = slice(start // BLOCK_SIZE, num_blocks(end))
+        return dequantize_blockwise(self.codes[start:end], self.absmax[blocks], self.code, (end - start,))
+
+    def write_range(self, start: int, value: torch.Tensor) -> None:
+        """Store `value` as elements [start, start + numel) of the flattened state. The range must
+        cover whole blocks (or end where the state ends): each block's scale is its own absmax."""
+        end = start + value.numel()
+        self._check_range(start, end)
         codes, absmax = quantize_blockwise(value, self.code)
-        self.codes.copy_(codes)
-        self.absmax.copy_(absmax)
+        self.codes[start:end].copy_(codes)
+        self.absmax[start // BLOCK_SIZE:num_blocks(end)].copy_(absmax)
+
+    def _check_range(self, start: int, end: int) -> None:
+        numel = self.codes.numel()
+        if not 0 <= start < end <= numel or start % BLOCK_SIZE or (end % BLOCK_SIZE and end != numel):
+            raise ValueError(f"8-bit state range [{start}, {end}) of {numel} elements must cover whole "
+                             f"blocks of {BLOCK_SIZE}; start and end on multiples of {BLOCK_SIZE} (or at the end)")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"codes": self.codes, "absmax": self.absmax}

@@ -2,8 +2,11 @@
 
 Stochastic rounding to bf16: add uniform random bits below bf16's 16 kept bits of the fp32
 pattern, then truncate. The result is unbiased (E[round(x)] = x), so updates smaller than half a
-bf16 step still move the weight on average instead of vanishing. It needs no extra memory beyond
-a temporary of the tensor's size.
+bf16 step still move the weight on average instead of vanishing. Its scratch is a few temporaries
+of the size of what it is given, so the update rules hand it one chunk of a weight at a time
+(rules/base.py). On CPU the noise of consecutive chunks, drawn in order from one generator, is
+the same stream as one draw over the whole tensor, so chunking changes no bit; on CUDA (Philox
+offsets advance per call) the draws differ but have the same distribution.
 """
 import torch
 
@@ -13,7 +16,7 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None 
     bits = x.view(torch.int32)
     noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
     # adding to the low 16 bits carries into the kept bits with probability (low bits / 2^16)
-    rounded = (bits + noise) & -65536  # clear the low 16 bits (0xFFFF0000 as int32)
+    rounded = noise.add_(bits).bitwise_and_(-65536)  # clear the low 16 bits (0xFFFF0000 as int32)
     out = rounded.view(torch.float32)
     # inf/nan stay as they are: truncating a NaN whose payload sits only in the low 16 bits would
     # give inf, and a carry can wrap the largest NaN patterns to 0. (A finite value above the

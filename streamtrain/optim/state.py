@@ -3,7 +3,10 @@
 Rules read a state as an fp32 working tensor, update it, and write it back. For fp32 storage the
 working tensor *is* the storage (read returns it, write is a no-op), so full precision costs no
 copy. bf16 storage rounds on write. The 8-bit block-wise storage lives in `quant8.py` and has
-the same three methods.
+the same methods.
+
+Large updates work chunk by chunk (optim/chunks.py) through range access on the flattened state:
+read_range(start, end) -> fp32 tensor of end - start elements, write_range(start, value).
 """
 import torch
 
@@ -14,6 +17,11 @@ SMALL_TENSOR_NUMEL = 4096  # tensors below this stay fp32 whatever the requested
 def working(t: torch.Tensor) -> torch.Tensor:
     """`t` in working precision: fp32, or fp64 when it already is (fp64 runs exist for tests)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def working_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype `working(t)` would have, without making the copy."""
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class DenseState:
@@ -32,6 +40,16 @@ class DenseState:
     def write(self, value: torch.Tensor) -> None:
         if value is not self.data:
             self.data.copy_(value)
+
+    def read_range(self, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the flattened state in working precision: a view of the
+        storage for fp32 (updating it in place updates the state), a copy for bf16."""
+        return working(self.data.view(-1)[start:end])
+
+    def write_range(self, start: int, value: torch.Tensor) -> None:
+        target = self.data.view(-1)[start:start + value.numel()]
+        if not value.is_set_to(target):  # a view read_range handed out is already stored
+            target.copy_(value.reshape(-1))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"data": self.data}
