@@ -56,6 +56,16 @@ def project_back(low_rank: torch.Tensor, basis: torch.Tensor, side: str) -> torc
     return basis @ low_rank if side == "left" else low_rank @ basis.T
 
 
+def project_back_rows(low_rank: torch.Tensor, basis: torch.Tensor, side: str, first: int, end: int) -> torch.Tensor:
+    """Rows [first, end) of project_back(low_rank, basis, side), computed from those rows alone
+    (left: P[rows] R, right: R[rows] P^T), so a large weight can be updated a few rows at a time
+    without its full m x n direction. Equal to the full product up to the matmul's rounding (a
+    BLAS may sum a row subset in another order)."""
+    if side == "left":
+        return project_back(low_rank, basis[first:end], side)
+    return project_back(low_rank[first:end], basis, side)
+
+
 def low_rank_view(tensor: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     """The active part of a projected tensor allocated at a larger capacity: its first `rank`
     rows (left: r x n) or columns (right: m x r). A view, so a rank change never reallocates."""

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..optim.adam import decoupled_weight_decay
-from ..optim.clip import clip_to_norm, limit_norm_growth
+from ..optim.clip import clip_factor, clip_to_norm, limit_norm_growth
 from ..optim.rounding import write_weight
 from ..optim.state import working
 
@@ -77,8 +77,21 @@ def take_buffer(state: dict, key: str, value: torch.Tensor) -> torch.Tensor:
     return buffered.add_(value)
 
 
+def take_step_gradient(state: dict, key: str, value: torch.Tensor) -> torch.Tensor:
+    """Like take_buffer, but without an upcast copy of `value` when nothing is buffered: the
+    result may be in the gradient's dtype, for updates that upcast it chunk by chunk."""
+    buffered = state.get(key)
+    state[key] = None
+    return value if buffered is None else buffered.add_(value)
+
+
 def maybe_clip(grad: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     return clip_to_norm(grad, ctx.clip_per_tensor) if ctx.clip_per_tensor else grad
+
+
+def clip_scale(grad: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+    """maybe_clip's factor (None when not clipping), for updates that scale chunk by chunk."""
+    return clip_factor(grad, ctx.clip_per_tensor) if ctx.clip_per_tensor else None
 
 
 def apply_update(param: torch.Tensor, direction: torch.Tensor, state: dict, ctx: StepContext) -> None:
@@ -87,15 +100,26 @@ def apply_update(param: torch.Tensor, direction: torch.Tensor, state: dict, ctx:
     if ctx.norm_growth:
         direction, state["prev_update_norm"] = limit_norm_growth(
             direction, state["prev_update_norm"], ctx.norm_growth)
+    update_weight(param, direction, ctx)
+
+
+def update_weight(weight: torch.Tensor, direction: torch.Tensor, ctx: StepContext,
+                  scale: torch.Tensor | None = None) -> None:
+    """apply_update's last stage, W <- W (1 - lr wd) - lr * (direction * scale), on any part
+    of a weight (a view: chunked updates pass one chunk at a time, so the fp32 copy and the
+    rounding scratch of a bf16 weight stay chunk-sized). `scale` is the norm-growth factor,
+    computed by the caller from the whole update's norm."""
+    if scale is not None:
+        direction = direction * scale
     with torch.no_grad():
-        if param.dtype in (torch.float32, torch.float64):
-            decoupled_weight_decay(param, ctx.lr, ctx.weight_decay)
-            param.add_(direction, alpha=-ctx.lr)
+        if weight.dtype in (torch.float32, torch.float64):
+            decoupled_weight_decay(weight, ctx.lr, ctx.weight_decay)
+            weight.add_(direction, alpha=-ctx.lr)
         else:
-            w = param.float()
+            w = weight.float()
             decoupled_weight_decay(w, ctx.lr, ctx.weight_decay)
             w.add_(direction, alpha=-ctx.lr)
-            write_weight(param, w, ctx.stochastic_rounding)
+            write_weight(weight, w, ctx.stochastic_rounding)
 
 
 def common_state(param: torch.Tensor) -> dict:

@@ -2,7 +2,8 @@
 
 Every `gap` logical steps the basis P is recomputed from an fp32 SVD of the gradient; in between,
 the gradient is projected (R = P^T G or G P), Adam runs on R, and the weight moves by
-P * Adam(R) * scale. Adam's moments are r x n (or m x r) instead of m x n.
+P * Adam(R) * scale. Adam's moments are r x n (or m x r) instead of m x n. The move is made a
+chunk of rows at a time (optim/chunks.py), so no m x n fp32 temporary exists.
 
 Accumulation: the subspace is fixed for the whole logical step. With `subspace_from` =
 "first_micro_batch" (default) a refresh step takes its basis from the first micro-batch's
@@ -14,10 +15,12 @@ on refresh steps).
 import torch
 
 from ..optim.adam import adam_direction
-from ..optim.projector import (low_rank_view, project, project_back, projected_shape, projection_side,
+from ..optim.chunks import row_chunks
+from ..optim.clip import growth_factor
+from ..optim.projector import (low_rank_view, project, project_back_rows, projected_shape, projection_side,
                                 svd_basis)
 from ..optim.state import make_state, working
-from .base import Rule, add_to_buffer, apply_update, common_state, maybe_clip, take_buffer
+from .base import Rule, add_to_buffer, common_state, maybe_clip, take_buffer, update_weight
 
 SUBSPACE_SOURCES = ("first_micro_batch", "full_step")
 
@@ -110,8 +113,23 @@ class GaLore(Rule):
                                        state["step"], *self.betas, self.eps)
         state["exp_avg"].write(m)
         state["exp_avg_sq"].write(v)
-        direction = project_back(low_direction, active_basis(state), side).mul_(self.scale)
-        apply_update(param, direction, state, ctx)
+        self.apply_low_rank(param, low_direction, state, ctx)
+
+    def apply_low_rank(self, param, low_direction, state, ctx) -> None:
+        """W <- W - lr * scale * P N (with decay and the growth limit), a chunk of rows at a time:
+        the m x n direction and the fp32 copy of a bf16 weight never exist whole."""
+        growth = None
+        if ctx.norm_growth:
+            # ||P N||_F = ||N||_F because P has orthonormal columns (an SVD or QR basis; stored in
+            # bf16 for bf16 weights, orthonormal to that rounding), so the update's norm needs no
+            # m x n product.
+            norm = torch.linalg.vector_norm(low_direction) * self.scale
+            growth = growth_factor(norm, state["prev_update_norm"], ctx.norm_growth)
+            state["prev_update_norm"] = norm * growth
+        basis, side = active_basis(state), state["side"]
+        for first, end in row_chunks(*param.shape):
+            rows = project_back_rows(low_direction, basis, side, first, end).mul_(self.scale)
+            update_weight(param[first:end], rows, ctx, growth)
 
     def config(self):
         return {"name": self.name, "rank": self.rank, "gap": self.gap, "scale": self.scale,
