@@ -112,7 +112,7 @@ class Engine:
             raise RuntimeError(f"gradient hook for {name} fired twice in one backward "
                                "(reentrant checkpointing or a reused graph?)")
         self._seen_this_backward.add(name)
-        if self._step_bad or (self.skip_nonfinite and not bool(torch.isfinite(grad).all())):
+        if self._step_bad or (self.skip_nonfinite and not is_finite(grad)):
             self._step_bad = True
             return
         rule, state, ctx = self.rules[name], self.states[name], self.context
@@ -216,6 +216,12 @@ def value_of(t: torch.Tensor) -> float:
     """A 0-d tensor as a float; NaN for fake tensors (the memory planner runs the engine on
     FakeTensorMode, where tensors have shapes but no values)."""
     return math.nan if is_fake(t) else float(t)
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """One reduction instead of an element-wise isfinite: a NaN or Inf anywhere makes the sum
+    non-finite (so does a sum past fp32's range, which is no usable gradient either)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32)))
 
 
 def discard_buffers(state: dict) -> None:
