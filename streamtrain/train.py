@@ -150,6 +150,7 @@ class Trainer:
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
             if self._evaluation_due(report.step):
                 record["val_loss"] = self.evaluate()
+            record.update(self._rank_record())
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()  # a killed run keeps the metrics of the steps it finished
             self.history.append(record)
@@ -172,6 +173,19 @@ class Trainer:
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Stop at the next step boundary, after saving a checkpoint (what SIGINT/SIGTERM do)."""
         self.stop_signal = signum
+
+    def _rank_record(self) -> dict:
+        """Adaptive-rank rules: the mean rank every step, every matrix's rank when any changed."""
+        ranks = {}
+        for rule in unique(self.engine.rules.values()):
+            if hasattr(rule, "ranks"):
+                ranks.update(rule.ranks(self.engine))
+        if not ranks:
+            return {}
+        record = {"mean_rank": sum(ranks.values()) / len(ranks)}
+        if ranks != getattr(self, "_logged_ranks", None):
+            record["ranks"] = self._logged_ranks = ranks
+        return record
 
     def _evaluation_due(self, step: int) -> bool:
         every, last = self.config.eval_every, step == self.config.steps - 1

@@ -282,3 +282,18 @@ def test_rule_runs_on_fake_tensors_at_capacity():
 def test_engine_step_runs_on_fake_tensors():
     engine, rule = fake_step(finish=True)
     assert engine.step == 1 and set(rule.ranks(engine).values()) == {16}
+
+
+def test_the_training_recipe_logs_every_matrix_rank_over_time(tmp_path):
+    import json
+
+    from streamtrain.config import TrainConfig
+    from streamtrain.train import train
+    train(TrainConfig(model="byte-tiny", method="adarankgrad", rank=16, r_min=2, eta=0.5, steps=6,
+                      batch_size=2, seq_len=32, max_data_bytes=200_000, eval_every=0, eval_batches=1,
+                      galore_gap=2, out=str(tmp_path), progress=False))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all("mean_rank" in r for r in records)
+    first = records[0]["ranks"]
+    assert len(first) == 2 * 7 and all(2 <= r <= 16 for r in first.values())
+    assert records[0]["mean_rank"] == sum(first.values()) / len(first)
