@@ -20,16 +20,6 @@ SMALL_MODEL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
 STEPS, STOP = 6, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # bit-identity needs the same thread count on both sides; one thread is also much faster
-    # for these tiny matrices on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_config(out, **overrides) -> TrainConfig:
     values = dict(model="byte-tiny", model_overrides=SMALL_MODEL, steps=STEPS, batch_size=2, seq_len=16,
                   accumulate=2, lr=3e-3, rank=8, galore_gap=2, max_data_bytes=20_000, eval_every=0,

@@ -6,23 +6,13 @@ import torch
 from streamtrain.engine import Engine
 from streamtrain.methods import assign_rules
 from streamtrain.optim.quant8 import (BLOCK_SIZE, BlockwiseState8bit, code_map, dequantize_blockwise,
-                                      dynamic_code_map, nearest_code_boundaries, quantize_blockwise)
+                                      dynamic_code_map, quantize_blockwise)
 from streamtrain.optim.state import make_state
 
 from conftest import tiny_model
 
 # big enough that every moment, GaLore's r x n ones included (rank 32 x 128), holds >= 4096 elements
 WIDE = dict(hidden_size=128, intermediate_size=256)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the test machine's cores are shared: two OpenMP threads wait on each other and make the
-    # many small state ops of the engine runs ~10x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def slow_quantize(x, code):
