@@ -19,7 +19,7 @@ from streamtrain.optim import projector
 from streamtrain.rules.galore import GaLore
 from streamtrain.train import RunStopped, Trainer
 
-from test_checkpoint import SMALL_MODEL, assert_identical, one_thread, small_config, snapshot  # noqa: F401
+from test_checkpoint import assert_identical, small_config, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
