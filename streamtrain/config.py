@@ -67,6 +67,10 @@ class TrainConfig:
     clip_per_tensor: float | None = opt(None, "clip each tensor's step gradient to this L2 norm")
     norm_growth: float | None = opt(None, "limit update-norm growth per step to this factor (e.g. 1.01)")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward")
+    offload_accumulation: bool = opt(False, "keep gradient-accumulation buffers in host RAM instead of GPU memory "
+                                            "(CUDA only; exact): frees the r x n fp32 sum of every GaLore matrix "
+                                            "(7.5 GB at llama-7b rank 1024) for one device-to-host copy per "
+                                            "parameter per micro-batch")
     loss_chunk_tokens: int = opt(0, "compute the loss in chunks of this many tokens (0 = all at once)")
     # where and how
     budget: str | None = opt(None, "memory budget, e.g. 24GB (10^9 bytes) or 22.5GiB (2^30): the run is planned "

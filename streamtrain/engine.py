@@ -8,6 +8,7 @@ One logical step, as data flows:
               grad = p.grad; p.grad = None              # the full gradient is ours, then gone
               skip it if the step already saw a non-finite value
               micro-batch < k-1: rule.accumulate(p, grad, state)   # e.g. GaLore keeps P^T G only
+                                                                   # (on the device, or in host RAM)
               micro-batch = k-1: rule.update(p, grad, state)       # the one update of the step
     after the last micro-batch: finish_step()
           every rule's end_step (ReLoRA merges), the clock advances, a StepReport is returned
@@ -43,7 +44,8 @@ class Engine:
     def __init__(self, model: torch.nn.Module, rules: dict[str, Rule], *, schedule=None, lr: float = 1e-3,
                  accumulate: int = 1, weight_decay: float = 0.0, clip_per_tensor: float | None = None,
                  norm_growth: float | None = None, stochastic_rounding: bool = True,
-                 skip_nonfinite: bool = True, max_nonfinite_in_row: int = 10):
+                 skip_nonfinite: bool = True, max_nonfinite_in_row: int = 10,
+                 offload_accumulation: bool = False):
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         self.model = model
@@ -56,6 +58,8 @@ class Engine:
         self.stochastic_rounding = stochastic_rounding
         self.skip_nonfinite = skip_nonfinite
         self.max_nonfinite_in_row = max_nonfinite_in_row
+        # accumulation buffers in host RAM: the GPU keeps only the current micro-batch's gradient
+        self.buffer_device = torch.device("cpu") if offload_accumulation else None
         self.states: dict[str, dict] = {}
         self.listeners = []     # objects with optional on_hook(engine, name, phase) / on_step_end(engine, report)
         self.step = 0           # logical steps completed
@@ -190,7 +194,7 @@ class Engine:
                            micro_index=self.micro_index if micro_index is None else micro_index,
                            accumulate=self.accumulate, weight_decay=self.weight_decay,
                            clip_per_tensor=self.clip_per_tensor, norm_growth=self.norm_growth,
-                           stochastic_rounding=self.stochastic_rounding)
+                           stochastic_rounding=self.stochastic_rounding, buffer_device=self.buffer_device)
 
     def _new_step(self) -> None:
         self.micro_index = 0

@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .data import TokenDataset, load_tokens, make_tokenizer
 from .engine import Engine, NonFiniteError, unique
 from .hf import load_hf_weights, save_hf
-from .memory.planner import plan_before_training
+from .memory.planner import check_offload, plan_before_training
 from .memory.profiler import BudgetExceeded, RunProfiler
 from .memory.report import build_report, dry_run, write_report
 from .memory.units import parse_bytes
@@ -72,6 +72,7 @@ def build_engine(model, config: TrainConfig, **engine_options) -> Engine:
     return Engine(model, rules, schedule=schedule, accumulate=config.accumulate,
                   weight_decay=config.weight_decay, clip_per_tensor=config.clip_per_tensor,
                   norm_growth=config.norm_growth, stochastic_rounding=config.stochastic_rounding,
+                  offload_accumulation=config.offload_accumulation,
                   **engine_options)
 
 
@@ -79,6 +80,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config.validate()
         self.device = resolve_device(config.device)
+        check_offload(config, self.device.type)
         self.out = Path(config.out)
         torch.manual_seed(config.seed)
         self.model_config = get_config(config.model, **config.model_overrides)

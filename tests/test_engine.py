@@ -86,6 +86,26 @@ def test_accumulating_four_micro_batches_equals_one_big_batch(method):
     assert updates == {"update": 3 * n_params, "accumulate": 9 * n_params}
 
 
+@pytest.mark.parametrize("method, subspace_from", [("adamw", "first_micro_batch"), ("galore", "first_micro_batch"),
+                                                   ("galore", "full_step")])
+def test_offloaded_accumulation_buffers_give_the_same_steps(method, subspace_from):
+    # on CPU host RAM is the same memory, so offloading must change nothing, bit for bit; what it
+    # changes on a GPU (where the buffers live) is the planner's and the tracker's business
+    runs = []
+    for offload in (False, True):
+        model = tiny_model(dtype=torch.bfloat16)
+        rules = assign_rules(model, method, rank=8, gap=2, subspace_from=subspace_from)
+        engine = Engine(model, rules, lr=1e-2, accumulate=3, stochastic_rounding=False,
+                        offload_accumulation=offload).attach()
+        for i, (x, y) in enumerate(random_batches(9, seed=5)):
+            engine.backward(model(x, y))
+            if i % 3 == 0:  # mid-step: every buffer is an fp32 sum in host RAM
+                buffers = [s[k] for s in engine.states.values() for k in s if k.endswith("grad_acc") and s[k] is not None]
+                assert buffers and all(b.dtype == torch.float32 and b.device.type == "cpu" for b in buffers)
+        runs.append(model)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].parameters(), runs[1].parameters()))
+
+
 def test_galore_default_takes_the_subspace_from_the_first_micro_batch():
     from streamtrain.optim.projector import svd_basis
     model = tiny_model()

@@ -2,13 +2,14 @@
 finds the largest micro-batch that fits, impossible budgets are refused before allocation, and the
 training recipe enforces the budget and writes its reports."""
 import json
+from dataclasses import replace
 
 import psutil
 import pytest
 import torch
 
 from streamtrain.config import TrainConfig
-from streamtrain.memory.planner import PlanRefused, plan_config, plan_run, simulate
+from streamtrain.memory.planner import PlanRefused, flags_of, ladder, plan_config, plan_run, search_knobs, simulate
 from streamtrain.memory.units import parse_bytes
 from streamtrain.models.presets import get_config, parameter_count
 from streamtrain.run import main
@@ -56,6 +57,50 @@ def test_search_finds_the_largest_micro_batch_that_fits():
     assert fits["fits"] and not over["fits"], (fits["total"], over["total"])
 
 
+def test_offloaded_accumulation_buffers_are_planned_as_host_ram_not_device_memory():
+    on_device = plan_config(tiny(method="galore"), target="cuda")
+    offloaded_config = tiny(method="galore", offload_accumulation=True)
+    offloaded = plan_config(offloaded_config, target="cuda")
+    # the buffers of 2 layers: 4 attention matrices (64x64) project to 16 x 64 and 3 MLP ones
+    # (64x128) to 16 x 128; embedding, lm_head (256 x 64) and the norms stay full: all fp32
+    buffers = 4 * (2 * (4 * 16 * 64 + 3 * 16 * 128) + 2 * 256 * 64 + 5 * 64)
+    assert offloaded["host_bytes"] == buffers and on_device["host_bytes"] == 0
+    assert on_device["tensor_peak"] - offloaded["tensor_peak"] == buffers
+    assert "gradients" not in offloaded["peak"]["by_category"]  # the engine holds no gradient at this peak
+    measured = simulate(offloaded_config, fake=False)  # the same steps on real tensors
+    assert measured["host_peak"] == buffers and measured["peak"]["total"] == offloaded["tensor_peak"]
+
+
+def test_for_a_gpu_the_search_moves_buffers_to_host_ram_before_changing_the_math():
+    config = tiny(method="galore", batch_size=4, accumulate=2, loss_chunk_tokens=64, activation_checkpointing=True)
+    rungs = [r["name"] for r in ladder(config, "cuda")]
+    assert rungs.index("+ accumulation buffers in host RAM") < rungs.index("+ 8bit states")
+    assert "+ accumulation buffers in host RAM" not in [r["name"] for r in ladder(config, "cpu")]
+    needs = plan_config(config, target="cuda")["total"]
+    offloaded = plan_config(replace(config, offload_accumulation=True), target="cuda")["total"]
+    search = search_knobs(config, "cuda", (needs + offloaded) // 2)
+    best = search["best"]
+    assert search["rungs"][0]["max_batch_size"] < 4  # as configured, the whole micro-batch does not fit
+    assert best["changes"] == {"offload_accumulation": True}, best
+    assert best["max_batch_size"] == 4 and "--offload-accumulation" in flags_of(best)
+
+
+def test_offloaded_buffers_that_host_ram_cannot_hold_are_refused_before_allocation(monkeypatch):
+    from types import SimpleNamespace
+    from streamtrain.memory import planner
+    monkeypatch.setattr(planner.psutil, "virtual_memory", lambda: SimpleNamespace(available=100_000))
+    config = tiny(method="galore", offload_accumulation=True, device="cuda", budget="4GB")
+    with pytest.raises(PlanRefused, match="in host RAM but only 100.00 KB"):
+        planner.plan_before_training(config)
+
+
+def test_offloading_on_cpu_is_refused_in_one_line(capsys):
+    code = main(["--model", "byte-tiny", "--device", "cpu", "--offload-accumulation", "--accumulate", "2",
+                 "--dry-run", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith("error: --offload-accumulation"), err
+
+
 def test_an_impossible_budget_is_refused_before_allocation_with_the_smallest_that_fits():
     config = TrainConfig(model="llama-7b", dtype="bfloat16", budget="8GB", batch_size=1, seq_len=256,
                          max_data_bytes=10_000, device="cpu", progress=False)
@@ -71,11 +116,15 @@ def test_an_impossible_budget_is_refused_before_allocation_with_the_smallest_tha
     assert 2 * weights < smallest < 2.5 * weights, smallest
 
 
-def test_the_7b_plan_agrees_with_analytic_sizes():
+def test_the_7b_recipe_fits_24GB_and_agrees_with_analytic_sizes():
+    # GaLore rank 1024, 8-bit states, bf16 weights, 16 x 256 = 4096 tokens per micro-batch,
+    # exact accumulation to 131072 tokens with the buffers in host RAM
     config = TrainConfig(model="llama-7b", method="galore", rank=1024, states="8bit", dtype="bfloat16",
                          batch_size=16, seq_len=256, accumulate=32, activation_checkpointing=True,
-                         loss_chunk_tokens=1024, device="cuda")
-    plan = {line["label"]: line["bytes"] for line in plan_config(config)["categories"]}
+                         loss_chunk_tokens=1024, offload_accumulation=True, device="cuda")
+    whole = plan_config(config, budget=parse_bytes("24GB"))
+    assert whole["fits"] and whole["total"] < 23e9, whole["total"]
+    plan = {line["label"]: line["bytes"] for line in whole["categories"]}
     c = get_config("llama-7b")
     h, i, layers, vocab = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     assert plan["weights"] == 2 * parameter_count(c)
@@ -84,6 +133,8 @@ def test_the_7b_plan_agrees_with_analytic_sizes():
     eight_bit = 2 * moments * (1 + 4 / 256)                           # m and v: a byte + a scale per 256
     assert abs(plan["optimizer_states"] - eight_bit) < 0.002 * eight_bit
     assert plan["activations"] >= layers * 16 * 256 * h * 2  # at least every block's bf16 input
+    norms = (2 * layers + 1) * h
+    assert whole["host_bytes"] == 4 * (layers * (4 * 1024 * h + 3 * 1024 * i) + 2 * vocab * h + norms)  # fp32 sums
 
 
 def test_the_recipe_enforces_a_cpu_budget_and_reports_planned_next_to_measured(tmp_path):

@@ -15,8 +15,8 @@ those of the bottom and the top layer, which are kept. This is exact (the tests 
 a full-depth simulation); `full_depth=True` (--plan-full-depth) simulates every layer instead.
 
 The search varies the knobs for the most tokens per micro-batch that fit: micro-batch size,
-chunked loss and activation checkpointing (the same math), then state precision and rank (not
-the same math, tried only when needed). Each candidate is simulated at two micro-batch sizes for
+chunked loss, activation checkpointing and (for a GPU) accumulation buffers in host RAM (the same
+math), then state precision and rank (not the same math, tried only when needed). Each candidate is simulated at two micro-batch sizes for
 one logical step; each phase's bytes are affine in the micro-batch size, which gives the largest
 one that fits.
 """
@@ -26,6 +26,7 @@ import re
 import time
 from dataclasses import replace
 
+import psutil
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -61,6 +62,13 @@ def plan_target(config: TrainConfig) -> str:
     if config.device != "auto":
         return config.device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_offload(config: TrainConfig, target: str) -> None:
+    """Offloaded accumulation buffers are planned as host RAM, which only means something beside a GPU."""
+    if config.offload_accumulation and target != "cuda":
+        raise ValueError("--offload-accumulation: this run is on CPU, where host RAM is the device memory; "
+                         "drop the flag (or plan for a GPU with --device cuda --dry-run)")
 
 
 # -- one simulation ------------------------------------------------------------------------------
@@ -144,7 +152,8 @@ def plan_config(config: TrainConfig, target: str | None = None, budget: int | No
         summary = extrapolate_summary(shallow, depth)
     return {"target": target, "budget": budget, "peak": summary["peak"],
             **breakdown(target, summary["peak"], summary["timeline"], budget),
-            "max_by_category": summary["max_by_category"], "step_peaks": summary["step_peaks"],
+            "max_by_category": summary["max_by_category"], "host_bytes": summary["host_peak"],
+            "step_peaks": summary["step_peaks"],
             "timeline": summary["timeline"], "simulated": summary["simulated"]}
 
 
@@ -153,6 +162,7 @@ def plan_run(config: TrainConfig, *, search: bool = False, full_depth: bool = Fa
     nothing in the search space fits; otherwise returns the plan, with the search's candidates
     when `search` is set or the configuration as given does not fit."""
     target = plan_target(config)
+    check_offload(config, target)
     budget = parse_bytes(config.budget) if config.budget else None
     if budget is not None:  # cheap (one step, one sequence, shallow): refuse a hopeless budget first
         hopeless = frugal_check(config, target, budget)
@@ -195,6 +205,7 @@ def extrapolate_summary(shallow: dict, depth: int) -> dict:
                            f"per phase to {depth} (exact: every per-layer quantity is linear in depth)"}
     return {"peak": peak, "timeline": timeline, "step_peaks": step_peaks,
             "max_by_category": linear_in_depth(low["max_by_category"], high["max_by_category"], depth),
+            "host_peak": linear_in_depth({"host": low["host_peak"]}, {"host": high["host_peak"]}, depth)["host"],
             "simulated": simulated}
 
 
@@ -220,6 +231,11 @@ def plan_before_training(config: TrainConfig) -> dict | None:
         return None
     if not plan["fits"]:
         raise PlanRefused(refusal_message(config, plan))
+    free = psutil.virtual_memory().available
+    if plan["host_bytes"] > free:
+        raise PlanRefused(f"--offload-accumulation keeps {format_bytes(plan['host_bytes'])} of accumulation "
+                          f"buffers in host RAM but only {format_bytes(free)} is available; free host memory "
+                          "or drop the flag")
     return plan
 
 
@@ -235,8 +251,9 @@ def refusal_message(config: TrainConfig, plan: dict) -> str:
 
 
 # -- the search ----------------------------------------------------------------------------------
-def ladder(config: TrainConfig) -> list[dict]:
-    """Cumulative memory-saving changes, least intrusive first. 'exact' rungs keep the math."""
+def ladder(config: TrainConfig, target: str) -> list[dict]:
+    """Cumulative memory-saving changes, least intrusive first. 'exact' rungs keep the math
+    (offloading accumulation buffers to host RAM too: it costs copies, not precision)."""
     rungs, changes = [{"name": "as configured", "changes": {}, "exact": True}], {}
     if not config.loss_chunk_tokens:
         changes = {**changes, "loss_chunk_tokens": SEARCH_LOSS_CHUNK}
@@ -244,6 +261,9 @@ def ladder(config: TrainConfig) -> list[dict]:
     if not config.activation_checkpointing:
         changes = {**changes, "activation_checkpointing": True}
         rungs.append({"name": "+ activation checkpointing", "changes": changes, "exact": True})
+    if target == "cuda" and not config.offload_accumulation and config.batch_size * config.accumulate > 1:
+        changes = {**changes, "offload_accumulation": True}
+        rungs.append({"name": "+ accumulation buffers in host RAM", "changes": changes, "exact": True})
     for precision in PRECISIONS[PRECISIONS.index(config.states) + 1:]:
         changes = {**changes, "states": precision}
         rungs.append({"name": f"+ {precision} states", "changes": changes, "exact": False})
@@ -258,7 +278,7 @@ def ladder(config: TrainConfig) -> list[dict]:
 def frugal_check(config: TrainConfig, target: str, budget: int) -> str | None:
     """A quick refusal: the most frugal setting at one sequence per micro-batch. Returns the
     refusal message when even that does not fit, else None."""
-    rung = ladder(config)[-1]
+    rung = ladder(config, target)[-1]
     fit = fit_rung(config, rung, target, budget, batch_sizes=(1,))
     if fit["min_budget"] <= budget:
         return None
@@ -272,7 +292,7 @@ def search_knobs(config: TrainConfig, target: str, budget: int) -> dict:
     the first rung that holds a whole logical step, or the first inexact rung that fits."""
     cap = config.batch_size * config.accumulate  # sequences per logical step
     results = []
-    for rung in ladder(config):
+    for rung in ladder(config, target):
         fit = fit_rung(config, rung, target, budget, cap=cap)
         results.append(fit)
         if fit["max_batch_size"] >= cap or (not rung["exact"] and fit["max_batch_size"] >= 1):

@@ -28,7 +28,8 @@ class RunProfiler:
         self.cuda = device.type == "cuda"
         self.timeline_steps = timeline_steps
         self.track_every_step = budget is not None and not self.cuda
-        self.tracker = MemoryTracker(round_to=512 if self.cuda else 1, timeline_steps=timeline_steps)
+        self.tracker = MemoryTracker(round_to=512 if self.cuda else 1, timeline_steps=timeline_steps,
+                                     device_type=device.type)
         self.cuda_steps: list[dict] = []
         self.context = self.cap = None
         self._tracking = False

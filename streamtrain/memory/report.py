@@ -108,6 +108,9 @@ def breakdown_table(plan: dict, budget: dict | None) -> list[str]:
     for line in plan["overheads"]:
         rows.append(row(line["label"], line["bytes"], whole, line["note"], unit))
     rows.append(row("**total**", plan["total"], whole, "the figure compared with the budget", unit))
+    if plan.get("host_bytes"):
+        rows.append(row("host RAM", plan["host_bytes"], whole, "accumulation buffers in host RAM "
+                        "(--offload-accumulation): not device memory, not in the total", unit))
     rows += ["", "Largest value of each category at any moment: " +
              ", ".join(f"{c} {plan['max_by_category'].get(c, 0) / unit[1]:.3f} {unit[0]}" for c in CATEGORIES) + "."]
     return rows
@@ -170,6 +173,8 @@ def measured_lines(report: dict) -> list[str]:
         got = measured["peak"]["by_category"].get(line["label"], 0)
         rows.append(ratio_row(line["label"] + " (at the peak)", line["bytes"], got, unit))
     rows.append(ratio_row("**tensor peak**", plan["tensor_peak"], measured["peak"]["total"], unit))
+    if plan.get("host_bytes"):
+        rows.append(ratio_row("host RAM (accumulation buffers)", plan["host_bytes"], measured.get("host_peak", 0), unit))
     device = measured.get("cuda")
     if device:
         rows.append(ratio_row("allocator peak (reserved)", plan["total"] - overhead(plan, "CUDA context"),

@@ -12,7 +12,9 @@ Categories. A new allocation is filed by the phase it happens in: forward blocks
 enabled), the final norm + lm_head + cross-entropy make `loss`, everything else is `temporaries`.
 `watch(model, engine)` then re-files what it can name: parameters are `weights`, every gradient
 that reaches a parameter (tensor hook) and every accumulation buffer is `gradients`, rule state
-is `optimizer_states` except GaLore's basis (`projectors`).
+is `optimizer_states` except GaLore's basis (`projectors`). Accumulation buffers an engine keeps
+in host RAM (--offload-accumulation) are `host`: counted apart (host_total, host_peak), never in
+the device total. On CUDA (device_type='cuda') any CPU tensor is `host` too.
 
 Phases: 'forward embed' (embedding and block 0), 'forward block i' (from the model's
 `hooks.after_block(i - 1)` callback), 'forward loss', 'backward' (from a hook on the model's
@@ -26,17 +28,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 CATEGORIES = ("weights", "gradients", "optimizer_states", "projectors", "activations", "loss", "temporaries")
+HOST = "host"  # kept in host RAM on purpose (offloaded accumulation buffers): counted apart, not device bytes
 SVD = torch.ops.aten._linalg_svd.default
 DEVICE = torch.ops.prim.device.default
 
 
 class MemoryTracker(TorchDispatchMode):
-    def __init__(self, round_to: int = 1, timeline_steps: int = 2):
+    def __init__(self, round_to: int = 1, timeline_steps: int = 2, device_type: str | None = None):
         """round_to: also keep a total with every allocation rounded up to this many bytes (the
         CUDA caching allocator rounds to 512). timeline_steps: logical steps whose per-phase
-        timeline is kept (later steps keep only their peak)."""
+        timeline is kept (later steps keep only their peak). device_type: the device whose bytes
+        are counted; tensors elsewhere are host (None: count every tensor, as the planner does)."""
         super().__init__()
         self.round_to = round_to
+        self.device_type = device_type
+        self.host_total = 0
+        self.host_peak = 0
         self.timeline_steps = timeline_steps
         self._live: dict[int, list] = {}     # id(storage) -> [bytes, category]
         self.by_category = dict.fromkeys(CATEGORIES, 0)
@@ -77,6 +84,8 @@ class MemoryTracker(TorchDispatchMode):
                 self._move(entry, category)
             return
         size = storage.nbytes()
+        if self.device_type is not None and storage.device.type != self.device_type:
+            category = HOST
         category = category or self._new_category()
         self._live[key] = [size, category]
         finalizer = weakref.finalize(storage, self._free, key)
@@ -96,6 +105,10 @@ class MemoryTracker(TorchDispatchMode):
         return "loss" if kind == "loss" else "temporaries"
 
     def _add(self, size: int, category: str) -> None:
+        if category == HOST:
+            self.host_total += size
+            self.host_peak = max(self.host_peak, self.host_total)
+            return
         self.total += size
         self.rounded_total += -(-size // self.round_to) * self.round_to
         self.by_category[category] += size
@@ -110,29 +123,35 @@ class MemoryTracker(TorchDispatchMode):
                     self.peak = self._step_peak
 
     def _free(self, key: int) -> None:
-        size, category = self._live.pop(key)
+        self._remove(*self._live.pop(key))
+
+    def _remove(self, size: int, category: str) -> None:
+        if category == HOST:
+            self.host_total -= size
+            return
         self.total -= size
         self.rounded_total -= -(-size // self.round_to) * self.round_to
         self.by_category[category] -= size
 
     def _move(self, entry: list, category: str) -> None:
         size, old = entry
-        self.by_category[old] -= size
         entry[1] = category
-        self.by_category[category] += size
-        self.max_by_category[category] = max(self.max_by_category[category], self.by_category[category])
+        self._remove(size, old)
+        self._add(size, category)  # back to the same total when both are device categories
 
     def label(self, t: torch.Tensor, category: str) -> None:
         """File `t`'s storage under `category` (counting it now if it was made before tracking)."""
-        if category not in CATEGORIES:
-            raise ValueError(f"unknown memory category {category!r}; choose one of {CATEGORIES}")
+        if category not in CATEGORIES + (HOST,):
+            raise ValueError(f"unknown memory category {category!r}; choose one of {CATEGORIES + (HOST,)}")
         self._see(t, category)
 
     def label_state(self, state: dict) -> None:
-        """Rule state: accumulation buffers are gradients, the basis a projector, the rest states."""
+        """Rule state: accumulation buffers are gradients (host when the engine offloads them), the
+        basis a projector, the rest states."""
+        buffers = HOST if getattr(self._engine, "buffer_device", None) is not None else "gradients"
         for key, value in state.items():
             category = ("projectors" if key == "basis" else
-                        "gradients" if key.endswith("grad_acc") else "optimizer_states")
+                        buffers if key.endswith("grad_acc") else "optimizer_states")
             tensors = value.tensors().values() if hasattr(value, "tensors") else [value]
             for t in tensors:
                 if isinstance(t, torch.Tensor):
@@ -230,7 +249,7 @@ class MemoryTracker(TorchDispatchMode):
 
     # -- results -------------------------------------------------------------------------------
     def summary(self) -> dict:
-        return {"peak": self.peak, "max_by_category": dict(self.max_by_category),
+        return {"peak": self.peak, "max_by_category": dict(self.max_by_category), "host_peak": self.host_peak,
                 "step_peaks": self.step_peaks, "timeline": compact_timeline(self.timeline)}
 
 

@@ -36,10 +36,10 @@ class AdamW(Rule):
         return state
 
     def accumulate(self, param, grad, state, ctx):
-        add_to_buffer(state, "grad_acc", grad)
+        add_to_buffer(state, "grad_acc", grad, ctx)
 
     def update(self, param, grad, state, ctx):
-        g = take_step_gradient(state, "grad_acc", grad)  # upcast chunk by chunk below
+        g = take_step_gradient(state, "grad_acc", grad, ctx)  # upcast chunk by chunk below
         grad_sq = torch.linalg.vector_norm(g, dtype=working_dtype(g)).square()
         clip = clip_scale(g, ctx)
         state["step"] += 1

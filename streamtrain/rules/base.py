@@ -22,6 +22,7 @@ class StepContext:
     clip_per_tensor: float | None = None   # max L2 norm of each tensor's step gradient
     norm_growth: float | None = None       # gamma of the norm-growth limiter
     stochastic_rounding: bool = True       # for bf16 weights
+    buffer_device: torch.device | None = None  # where accumulation buffers live (None: beside the gradient)
     extras: dict = field(default_factory=dict)
 
     @property
@@ -60,29 +61,38 @@ class Rule:
         return {"name": self.name}
 
 
-def add_to_buffer(state: dict, key: str, value: torch.Tensor) -> None:
-    """Accumulate `value` into state[key] in working precision, taking ownership on the first call."""
-    if state.get(key) is None:
-        state[key] = working(value)
-    else:
-        state[key].add_(value)
-
-
-def take_buffer(state: dict, key: str, value: torch.Tensor) -> torch.Tensor:
-    """The working-precision sum of the buffered micro-batches and `value`; empties the buffer."""
+def add_to_buffer(state: dict, key: str, value: torch.Tensor, ctx: StepContext) -> None:
+    """Accumulate `value` into state[key] in working precision, taking ownership on the first call.
+    With ctx.buffer_device (host RAM, --offload-accumulation) the buffer lives there: each
+    micro-batch's value is copied over, then added."""
     buffered = state.get(key)
-    state[key] = None
     if buffered is None:
-        return working(value)
-    return buffered.add_(value)
+        state[key] = working(value if ctx.buffer_device is None else value.to(ctx.buffer_device))
+    else:
+        buffered.add_(value.to(buffered.device))
 
 
-def take_step_gradient(state: dict, key: str, value: torch.Tensor) -> torch.Tensor:
+def take_buffer(state: dict, key: str, value: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """The working-precision sum of the buffered micro-batches and `value`; empties the buffer."""
+    buffered = take_buffered(state, key, value, ctx)
+    return working(value) if buffered is None else buffered.add_(value)
+
+
+def take_step_gradient(state: dict, key: str, value: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     """Like take_buffer, but without an upcast copy of `value` when nothing is buffered: the
     result may be in the gradient's dtype, for updates that upcast it chunk by chunk."""
-    buffered = state.get(key)
-    state[key] = None
+    buffered = take_buffered(state, key, value, ctx)
     return value if buffered is None else buffered.add_(value)
+
+
+def take_buffered(state: dict, key: str, value: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+    """state[key] (emptied) on `value`'s device: an offloaded buffer comes back as a copy, also
+    when host and device are the same memory (the planner's CPU simulation of a GPU run), so the
+    device-side copy is counted where a GPU would hold it."""
+    buffered, state[key] = state.get(key), None
+    if buffered is not None and ctx.buffer_device is not None:
+        buffered = buffered.to(value.device, copy=True)
+    return buffered
 
 
 def maybe_clip(grad: torch.Tensor, ctx: StepContext) -> torch.Tensor:

@@ -72,11 +72,11 @@ class GaLore(Rule):
     # -- hook operations -----------------------------------------------------------------------
     def accumulate(self, param, grad, state, ctx):
         if self._sums_full_gradient(state, ctx):
-            add_to_buffer(state, "full_grad_acc", grad)
+            add_to_buffer(state, "full_grad_acc", grad, ctx)
             return
         if ctx.is_first and self.refresh_due(state, ctx):
             self.refresh(state, grad, ctx)
-        add_to_buffer(state, "grad_acc", project(grad, active_basis(state), state["side"]))
+        add_to_buffer(state, "grad_acc", project(grad, active_basis(state), state["side"]), ctx)
 
     def update(self, param, grad, state, ctx):
         low, grad_sq = self.step_gradient(grad, state, ctx)
@@ -88,7 +88,7 @@ class GaLore(Rule):
         the basis refreshed first when due) and its squared norm for the global grad-norm report."""
         full = None
         if self._sums_full_gradient(state, ctx):
-            full = take_buffer(state, "full_grad_acc", grad)
+            full = take_buffer(state, "full_grad_acc", grad, ctx)
             self.refresh(state, full, ctx)
             low = working(project(full, active_basis(state), state["side"]))
         else:
@@ -96,7 +96,7 @@ class GaLore(Rule):
                 self.refresh(state, grad, ctx)
             if ctx.accumulate == 1:
                 full = grad
-            low = take_buffer(state, "grad_acc", project(grad, active_basis(state), state["side"]))
+            low = take_buffer(state, "grad_acc", project(grad, active_basis(state), state["side"]), ctx)
         # the true norm when the full step gradient is at hand, else the projected one (a lower bound)
         consumed = full if full is not None else low
         grad_sq = torch.linalg.vector_norm(consumed, dtype=working(consumed[:0]).dtype).square()
