@@ -16,9 +16,9 @@ a full-depth simulation); `full_depth=True` (--plan-full-depth) simulates every 
 
 The search varies the knobs for the most tokens per micro-batch that fit: micro-batch size,
 chunked loss, activation checkpointing and (for a GPU) accumulation buffers in host RAM (the same
-math), then state precision and rank (not the same math, tried only when needed). Each candidate is simulated at two micro-batch sizes for
-one logical step; each phase's bytes are affine in the micro-batch size, which gives the largest
-one that fits.
+math), then state precision and rank (not the same math, tried only when needed). Each candidate
+is simulated at two micro-batch sizes for one logical step; each phase's bytes are affine in the
+micro-batch size, which gives the largest one that fits.
 """
 import contextlib
 import math
