@@ -1,9 +1,11 @@
 """GaLore's projector: an orthonormal basis of the gradient's dominant subspace.
 
 The basis P has orthonormal columns and sits on the gradient's smaller side:
-  left  (m <= n): P = U[:, :r]   (m x r), project R = P^T G   (r x n), back P R
-  right (m >  n): P = V[:, :r]   (n x r), project R = G P     (m x r), back R P^T
-so Adam's moments are r x n or m x r, never m x n.
+  right (m >= n): P = V[:, :r]   (n x r), project R = G P     (m x r), back R P^T
+  left  (m <  n): P = U[:, :r]   (m x r), project R = P^T G   (r x n), back P R
+so Adam's moments are m x r or r x n, never m x n. A square matrix (every LLaMA attention
+projection) projects from the right: galore-torch's convention ('std' projection type), so our
+GaLore is the published method on every shape, not a different one on square matrices.
 """
 import torch
 
@@ -12,7 +14,7 @@ from .state import working
 
 def projection_side(shape) -> str:
     m, n = shape
-    return "left" if m <= n else "right"
+    return "right" if m >= n else "left"
 
 
 def projected_shape(shape, rank: int, side: str):
