@@ -159,7 +159,7 @@ def save_value(key: str, value, tensors: dict):
         tensors[key] = cpu_copy(value)
         return {"tensor": True}
     if is_storage(value):
-        parts = value.tensors()
+        parts = storage_tensors(value)
         for sub, t in parts.items():
             tensors[f"{key}/{sub}"] = cpu_copy(t)
         return {"storage": type(value).__name__, "tensors": sorted(parts)}
@@ -174,6 +174,22 @@ def model_tensors(model: torch.nn.Module) -> dict:
 def cpu_copy(t: torch.Tensor) -> torch.Tensor:
     # a private contiguous CPU copy: safetensors refuses tensors that share memory (views)
     return t.detach().to("cpu", copy=True).contiguous()
+
+
+def storage_tensors(storage) -> dict:
+    """A storage's tensors plus, when it rounds stochastically, its generator's state ('rng')."""
+    parts = dict(storage.tensors())
+    if getattr(storage, "generator", None) is not None:
+        parts["rng"] = storage.generator.get_state()
+    return parts
+
+
+def load_storage(storage, parts: dict) -> None:
+    parts = dict(parts)
+    rng = parts.pop("rng", None)
+    if rng is not None and getattr(storage, "generator", None) is not None:
+        storage.generator.set_state(rng.cpu())
+    storage.load_tensors({sub: t.to(device_of(storage)) for sub, t in parts.items()})
 
 
 def is_storage(value) -> bool:
@@ -389,8 +405,7 @@ def load_state(path: Path, name: str, state: dict, entries: dict, tensors: dict)
             if not is_storage(current) or type(current).__name__ != saved["storage"]:
                 raise CheckpointError(f"checkpoint {path}: {where} is stored as {saved['storage']} there, "
                                       f"{type(current).__name__} here; check --states")
-            current.load_tensors({sub: tensors[f"{where}/{sub}"].to(device_of(current))
-                                  for sub in saved["tensors"]})
+            load_storage(current, {sub: tensors[f"{where}/{sub}"] for sub in saved["tensors"]})
         else:
             state[key] = tuple(saved) if isinstance(current, tuple) else saved
 

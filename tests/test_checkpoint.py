@@ -111,7 +111,7 @@ def test_checkpoint_files_hold_every_state_by_parameter_name(tmp_path):
     assert torch.equal(states[f"{q}/basis"], galore_state["basis"])
     assert torch.equal(states[f"{q}/exp_avg/data"], galore_state["exp_avg"].data)  # 8 x 64: small, fp32
     embed = "model.embed_tokens.weight"                                            # 256 x 64: 8-bit
-    assert record["states"][embed]["exp_avg"] == {"storage": "BlockwiseState8bit", "tensors": ["absmax", "codes"]}
+    assert record["states"][embed]["exp_avg"] == {"storage": "BlockwiseState8bit", "tensors": ["absmax", "codes", "rng"]}
     assert torch.equal(states[f"{embed}/exp_avg/codes"], trainer.engine.states[embed]["exp_avg"].codes)
     assert torch.equal(states[f"{embed}/exp_avg_sq/absmax"], trainer.engine.states[embed]["exp_avg_sq"].absmax)
     weights = ckpt.load_file(str(folder / "model.safetensors"))

@@ -164,14 +164,44 @@ def test_round_trip_error(name, signed):
     assert worst_in_block_units <= half_gap * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_stochastic_quantizer_is_unbiased_and_picks_a_neighbouring_code(signed):
+    code = code_map(signed)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4 * BLOCK_SIZE, generator=g) * 10 ** (torch.rand(4 * BLOCK_SIZE, generator=g) * 6 - 6)
+    x = x if signed else x.abs()
+    nearest, absmax = quantize_blockwise(x, code)
+    draws = 2000
+    total = torch.zeros_like(x, dtype=torch.float64)
+    for _ in range(draws):
+        codes, absmax_sr = quantize_blockwise(x, code, torch.rand(x.numel(), generator=g))
+        assert torch.equal(absmax_sr, absmax)
+        assert int((codes.int() - nearest.int()).abs().max()) <= 1  # the nearest code or its neighbour
+        total += dequantize_blockwise(codes, absmax, code, x.shape).double()
+    mean = total / draws
+    block_absmax = absmax.repeat_interleave(BLOCK_SIZE).double()
+    gap = (code[1:] - code[:-1]).max().item() * block_absmax
+    # inside the map's range (the signed map ends at -0.993: a block's negative absmax element
+    # cannot be stored exactly by either rounding) the mean of 2000 draws sits within 4 standard
+    # errors (<= gap / 2 / sqrt(draws)) of x
+    inside = x.double() / block_absmax >= code[0].item()
+    assert int((~inside).sum()) < 4
+    assert bool(((mean - x.double()).abs() <= 4 * gap / 2 / draws ** 0.5 + 1e-12)[inside].all())
+    # round-to-nearest's mean is x's nearest code: biased by up to half a gap
+    nearest_error = (dequantize_blockwise(nearest, absmax, code, x.shape) - x).double().abs()[inside]
+    assert nearest_error.max() > (mean - x.double()).abs()[inside].max() * 5
+
+
 def test_state_8bit_round_trip_and_checkpoint_tensors():
     state = make_state((64, 100), "8bit", signed=True)
-    assert isinstance(state, BlockwiseState8bit) and state.precision == "8bit"
+    assert isinstance(state, BlockwiseState8bit) and state.precision == "8bit" and state.stochastic
     assert make_state((40, 100), "8bit").precision == "fp32"  # 4000 < 4096 elements stay fp32
     assert torch.equal(state.read(), torch.zeros(64, 100))
     value = torch.randn(64, 100, generator=torch.Generator().manual_seed(0))
+    stream = torch.Generator().set_state(state.generator.get_state())  # the state's own rounding stream
     state.write(value)
-    expected = dequantize_blockwise(*quantize_blockwise(value, code_map(True)), code_map(True), (64, 100))
+    noise = torch.rand(6400, generator=stream)
+    expected = dequantize_blockwise(*quantize_blockwise(value, code_map(True), noise), code_map(True), (64, 100))
     assert torch.equal(state.read(), expected)
     tensors = state.tensors()
     assert tensors["codes"].dtype == torch.uint8 and tensors["codes"].numel() == 6400

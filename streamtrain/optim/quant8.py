@@ -7,9 +7,19 @@ The table is bitsandbytes' dynamic ("tree") map: its codes are spread over seven
 for Adam's moments, whose entries span many orders of magnitude. The first moment uses the signed
 map, the second moment (never negative) the unsigned one, which spends all 256 codes on [0, 1].
 
+Rounding. States are written with stochastic rounding between the two codes around `x / absmax`
+(up with probability proportional to the distance from the lower code), so the stored value is
+unbiased. Round-to-nearest is biased where codes are sparse: after a gradient spike the second
+moment of a block's small entries sits in the coarse low decades, and with nearest rounding it
+drifted 22% below an fp64 reference over 1500 steps (tests/test_state.py); stochastic rounding
+stays within 0.1%. `quantize_blockwise(..., noise=None)` is the deterministic nearest-code
+quantizer (exact, tested against an argmin oracle).
+
 Cost per element: 1 byte plus 4/256 bytes of scale, about 25.4% of fp32.
 """
 import torch
+
+from .rounding import rounding_generator
 
 BLOCK_SIZE = 256
 MAX_EXPONENT_BITS = 7  # the number of decades the map spans
@@ -70,19 +80,35 @@ def _as_blocks(flat: torch.Tensor) -> torch.Tensor:
     return flat.view(-1, BLOCK_SIZE)
 
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes: uint8 of x.numel(), absmax: fp32 of num_blocks) with codes[i] the index of the code
-    nearest to x[i] / absmax of its block. `code` must hold 256 sorted fp32 values."""
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor,
+                       noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes: uint8 of x.numel(), absmax: fp32 of num_blocks). Without `noise`, codes[i] is the
+    index of the code nearest to x[i] / absmax of its block; with `noise` (uniform [0, 1), one per
+    element) it is rounded stochastically between the two codes around it. `code` must hold 256
+    sorted fp32 values."""
     if code.numel() != 256:
         raise ValueError(f"the code map holds {code.numel()} values, uint8 codes need 256; pass code_map(signed)")
     blocks = _as_blocks(x.detach().reshape(-1).float())
     absmax = blocks.abs().amax(dim=1)
     # an all-zero block divides by 1 instead of 0; its codes all point at the code 0.0
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normalized = blocks / scale[:, None]
-    indices = torch.bucketize(normalized, nearest_code_boundaries(code), out_int32=True)
-    codes = indices.view(-1)[:x.numel()].to(torch.uint8)
-    return codes, absmax
+    normalized = (blocks / scale[:, None]).view(-1)[:x.numel()]
+    if noise is None:
+        indices = torch.bucketize(normalized, nearest_code_boundaries(code), out_int32=True)
+    else:
+        indices = stochastic_code_indices(normalized, code, noise.reshape(-1))
+    return indices.to(torch.uint8), absmax
+
+
+def stochastic_code_indices(normalized: torch.Tensor, code: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Index of the code below each value, plus 1 with probability (value - below) / (above - below):
+    unbiased, E[code[index]] = value, for values inside the map's range (beyond its ends: the end)."""
+    below = torch.bucketize(normalized, code, right=True, out_int32=True).sub_(1).clamp_(0, code.numel() - 2)
+    low = code[below]
+    fraction = normalized - low
+    fraction.div_(code[below + 1].sub_(low)).clamp_(0, 1)  # in place: the scratch stays a few chunks
+    del low
+    return below.add_(noise < fraction)
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape) -> torch.Tensor:
@@ -93,15 +119,18 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
 
 
 class BlockwiseState8bit:
-    """An optimizer state stored as block-wise 8-bit codes; same interface as state.DenseState."""
+    """An optimizer state stored as block-wise 8-bit codes; same interface as state.DenseState.
+    Writes round stochastically (from the state's own generator) unless `stochastic` is off."""
 
-    def __init__(self, shape, signed: bool = True, device=None):
+    def __init__(self, shape, signed: bool = True, device=None, stochastic: bool = True):
         self.shape = torch.Size(shape)
         self.signed = signed
+        self.stochastic = stochastic
         numel = self.shape.numel()
         # absmax 0 marks a block as all zero, whatever its codes say
         self.codes = torch.zeros(numel, dtype=torch.uint8, device=device)
         self.absmax = torch.zeros(num_blocks(numel), dtype=torch.float32, device=device)
+        self.generator = rounding_generator(self.codes.device) if stochastic else None
 
     @property
     def precision(self) -> str:
@@ -140,7 +169,10 @@ class BlockwiseState8bit:
         cover whole blocks (or end where the state ends): each block's scale is its own absmax."""
         end = start + value.numel()
         self._check_range(start, end)
-        codes, absmax = quantize_blockwise(value, self.code)
+        noise = None
+        if self.stochastic:
+            noise = torch.rand(value.numel(), device=self.codes.device, generator=self.generator)
+        codes, absmax = quantize_blockwise(value, self.code, noise)
         self.codes[start:end].copy_(codes)
         self.absmax[start // BLOCK_SIZE:num_blocks(end)].copy_(absmax)
 

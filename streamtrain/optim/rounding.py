@@ -9,6 +9,7 @@ the same stream as one draw over the whole tensor, so chunking changes no bit; o
 offsets advance per call) the draws differ but have the same distribution.
 """
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -32,3 +33,13 @@ def write_weight(weight: torch.Tensor, new_value_fp32: torch.Tensor, stochastic:
         weight.copy_(stochastic_round_to_bf16(new_value_fp32, generator))
     else:
         weight.copy_(new_value_fp32)
+
+
+def rounding_generator(device=None) -> torch.Generator:
+    """A generator of its own for one stored tensor's stochastic rounding, seeded by a draw from
+    the global RNG (so two runs seeded alike get the same streams, and a checkpoint restores it).
+    Draws from a tensor's own stream do not depend on what else is rounded in between, so an update
+    done chunk by chunk draws exactly the noise of the whole-tensor update (on CPU)."""
+    with unset_fake_temporarily():  # the planner runs rules on fake tensors; a seed must be real
+        seed = int(torch.randint(0, 2 ** 62, (1,)))
+    return torch.Generator(device=device or "cpu").manual_seed(seed)

@@ -2,13 +2,17 @@
 
 Rules read a state as an fp32 working tensor, update it, and write it back. For fp32 storage the
 working tensor *is* the storage (read returns it, write is a no-op), so full precision costs no
-copy. bf16 storage rounds on write. The 8-bit block-wise storage lives in `quant8.py` and has
+copy. bf16 storage rounds stochastically on write: with round-to-nearest, Adam's second moment
+(decayed by beta2 = 0.999 per step, less than half a bf16 ulp) would never shrink after a spike,
+and every later step would be too small. The 8-bit block-wise storage lives in `quant8.py` and has
 the same methods.
 
 Large updates work chunk by chunk (optim/chunks.py) through range access on the flattened state:
 read_range(start, end) -> fp32 tensor of end - start elements, write_range(start, value).
 """
 import torch
+
+from .rounding import rounding_generator, stochastic_round_to_bf16
 
 PRECISIONS = ("fp32", "bf16", "8bit")
 SMALL_TENSOR_NUMEL = 4096  # tensors below this stay fp32 whatever the requested precision
@@ -25,10 +29,11 @@ def working_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 class DenseState:
-    """A state kept as one dense tensor in fp32 or bf16."""
+    """A state kept as one dense tensor in fp32 or bf16 (bf16: with its own rounding generator)."""
 
     def __init__(self, shape, dtype=torch.float32, device=None):
         self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self.generator = rounding_generator(self.data.device) if dtype == torch.bfloat16 else None
 
     @property
     def precision(self) -> str:
@@ -39,7 +44,7 @@ class DenseState:
 
     def write(self, value: torch.Tensor) -> None:
         if value is not self.data:
-            self.data.copy_(value)
+            self.data.copy_(self._rounded(value))
 
     def read_range(self, start: int, end: int) -> torch.Tensor:
         """Elements [start, end) of the flattened state in working precision: a view of the
@@ -49,7 +54,13 @@ class DenseState:
     def write_range(self, start: int, value: torch.Tensor) -> None:
         target = self.data.view(-1)[start:start + value.numel()]
         if not value.is_set_to(target):  # a view read_range handed out is already stored
-            target.copy_(value.reshape(-1))
+            target.copy_(self._rounded(value.reshape(-1)))
+
+    def _rounded(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` as it is stored: bf16 by stochastic rounding, fp32/fp64 as is."""
+        if self.data.dtype == torch.bfloat16 and value.dtype != torch.bfloat16:
+            return stochastic_round_to_bf16(value, self.generator)
+        return value
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"data": self.data}
