@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from streamtrain import run
 from streamtrain.data import (ByteTokenizer, DataError, TokenDataset, builtin_corpus_files, data_identity,
                               data_summary, load_corpus, load_tokens, make_tokenizer, tokenizer_identity)
 
@@ -200,6 +201,16 @@ def test_data_summary_counts_epochs_and_warns_on_repeats_and_tiny_corpora(tmp_pa
     assert "warning: the run repeats the training data 20 times (over 10 epochs)" in repeats[3]
     big = load_corpus("builtin", max_bytes=200_000)
     assert not any(line.startswith("warning") for line in data_summary(big, TokenDataset(big.tokens, 64), 10, 4))
+
+
+def test_a_run_prints_the_data_summary_first(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("some text to learn from. " * 40)
+    argv = ["--model", "byte-tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+            "--no-progress", "--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "run")]
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"data: {tmp_path / 'a.txt'} (1 files, 1 documents separated by token 0): 1,000 tokens"
+    assert out[1].endswith("1 steps x 2 batch x 1 accumulate = 0.03 epochs") and out[-1].startswith("done: 1 steps")
 
 
 def test_data_identity_follows_the_content_and_is_cheap_on_large_files(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamtrain import run
 from streamtrain.data import DataError, load_tokens, make_tokenizer
 from streamtrain.data import tokenfile
 
@@ -90,6 +91,15 @@ def test_token_ids_beyond_the_vocab_are_refused_at_load_chunk_by_chunk(tmp_path,
         load_tokens(sidecar)  # the sidecar's vocabulary bounds the ids
     with pytest.raises(DataError, match="made with a 256-token vocabulary but the model has 128 embeddings"):
         load_tokens(sidecar, vocab_size=128)
+
+
+def test_a_run_refuses_a_bin_with_ids_beyond_the_models_vocab_in_one_line(tmp_path, capsys):
+    path = write_bin(tmp_path / "gpt2.u16.bin", np.arange(5000) * 10, np.uint16)  # ids up to 49990
+    argv = ["--model", "byte-tiny", "--steps", "1", "--no-progress", "--data", path, "--out", str(tmp_path / "run")]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: token file") and "holds id 260 at token 26, beyond the vocabulary of 256" in err
+    assert "\n" not in err
 
 
 def test_the_tokenize_command_round_trips_to_the_tokens_of_the_text(tmp_path):
