@@ -28,6 +28,8 @@ class TrainConfig:
     data: str = opt("builtin", "text file, folder, .jsonl, token .bin, or 'builtin' (Python stdlib sources)")
     tokenizer: str | None = opt(None, "tokenizer.json path (needs the 'tokenizers' package); default: bytes")
     text_field: str = opt("text", "JSONL field holding the text")
+    token_dtype: str | None = opt(None, "dtype of a token .bin that has no .bin.json sidecar and no .u16.bin/.u32.bin "
+                                        "suffix", choices=("uint16", "uint32"))
     max_data_bytes: int = opt(8_000_000, "bytes of the built-in corpus to read (0 = all)")
     # the step
     steps: int = opt(200, "logical optimizer steps")

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve, save_checkpoint, step_of
 from .config import TrainConfig
-from .data import TokenDataset, load_tokens, make_tokenizer
+from .data import TokenDataset, data_summary, load_corpus, make_tokenizer
 from .engine import Engine, NonFiniteError, unique
 from .hf import load_hf_weights, save_hf
 from .memory.planner import check_offload, plan_before_training
@@ -92,8 +92,10 @@ class Trainer:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but {config.model} "
                              f"only {self.model_config.vocab_size}; pick a preset with a larger vocab")
         self.plan = plan_before_training(config)  # with --budget: refuses before anything real is allocated
-        tokens = load_tokens(config.data, self.tokenizer, config.max_data_bytes or None, config.text_field)
-        self.dataset = TokenDataset(tokens, config.seq_len, seed=config.seed)
+        corpus = load_corpus(config.data, self.tokenizer, config.max_data_bytes or None, config.text_field,
+                             token_dtype=config.token_dtype, vocab_size=self.model_config.vocab_size)
+        self.dataset = TokenDataset(corpus.tokens, config.seq_len, seed=config.seed)
+        self.data_summary = data_summary(corpus, self.dataset, config.steps, config.batch_size, config.accumulate)
         self.model = build_model(self.model_config, self.device, DTYPES[config.dtype], seed=config.seed,
                                  activation_checkpointing=config.activation_checkpointing,
                                  loss_chunk_tokens=config.loss_chunk_tokens)
@@ -114,6 +116,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
         c = self.config
+        print("\n".join(self.data_summary), flush=True)  # stdout: stderr is for errors
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         bar = tqdm(total=c.steps, initial=self.engine.step, disable=not c.progress, desc="train", unit="step")
