@@ -17,64 +17,15 @@ from tqdm import tqdm
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve, save_checkpoint, step_of
 from .config import TrainConfig
 from .data import TokenDataset, data_summary, load_corpus, make_tokenizer
-from .engine import Engine, NonFiniteError, unique
+from .engine import NonFiniteError, unique
 from .hf import load_hf_weights, save_hf
 from .memory.planner import check_offload, plan_before_training
 from .memory.profiler import BudgetExceeded, RunProfiler
 from .memory.report import build_report, dry_run, write_report
 from .memory.units import parse_bytes
-from .methods import assign_rules
-from .models.lora import apply_lora, has_lora, merged_state_dict, save_peft_adapter
-from .rules.lora import ReLoRA
-from .models.llama import build_model, perplexity
-from .models.presets import get_config
-from .optim.schedule import CosineSchedule
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    return torch.device(name)
-
-
-def build_rules(model, config: TrainConfig) -> dict:
-    return assign_rules(model, config.method, rank=config.rank, gap=config.galore_gap,
-                        scale=config.galore_scale, states=config.states,
-                        relora=config.relora_options(), adarank=config.adarank_options())
-
-
-def prepare_model(model, config: TrainConfig) -> None:
-    """Method-specific model surgery, after any base weights are loaded: LoRA adapters."""
-    if config.method == "lora":
-        targets = "all-linear" if config.lora_targets == "all-linear" else config.lora_targets.split(",")
-        apply_lora(model, targets, rank=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                   rslora=config.rslora, seed=config.seed)
-
-
-def sync_structure(engine: Engine) -> None:
-    """Let rules that change the model's structure (ReLoRA's wrap) match the engine's clock:
-    at the start (a zero-step warm start) and after a resume (before weights are loaded)."""
-    for rule in unique(engine.rules.values()):
-        if hasattr(rule, "sync"):
-            rule.sync(engine)
-
-
-def build_engine(model, config: TrainConfig, **engine_options) -> Engine:
-    schedule = CosineSchedule(config.lr, config.steps, config.warmup_steps, config.min_lr_ratio)
-    rules = build_rules(model, config)
-    relora = next((r for r in rules.values() if isinstance(r, ReLoRA)), None)
-    if relora is not None:  # ReLoRA's jagged cosine restarts the LR after every merge
-        schedule = relora.schedule(schedule)
-    return Engine(model, rules, schedule=schedule, accumulate=config.accumulate,
-                  weight_decay=config.weight_decay, clip_per_tensor=config.clip_per_tensor,
-                  norm_growth=config.norm_growth, stochastic_rounding=config.stochastic_rounding,
-                  offload_accumulation=config.offload_accumulation,
-                  **engine_options)
-
+from .models.llama import perplexity
+from .models.lora import has_lora, merged_state_dict, save_peft_adapter
+from .recipe import build_engine, build_run_model, model_config_of, prepare_model, resolve_device, sync_structure
 
 class Trainer:
     def __init__(self, config: TrainConfig):
@@ -83,7 +34,7 @@ class Trainer:
         check_offload(config, self.device.type)
         self.out = Path(config.out)
         torch.manual_seed(config.seed)
-        self.model_config = get_config(config.model, **config.model_overrides)
+        self.model_config = model_config_of(config)
         if config.seq_len > self.model_config.max_position_embeddings:
             raise ValueError(f"--seq-len {config.seq_len} exceeds {config.model}'s maximum "
                              f"{self.model_config.max_position_embeddings}; lower --seq-len")
@@ -96,9 +47,7 @@ class Trainer:
                              token_dtype=config.token_dtype, vocab_size=self.model_config.vocab_size)
         self.dataset = TokenDataset(corpus.tokens, config.seq_len, seed=config.seed)
         self.data_summary = data_summary(corpus, self.dataset, config.steps, config.batch_size, config.accumulate)
-        self.model = build_model(self.model_config, self.device, DTYPES[config.dtype], seed=config.seed,
-                                 activation_checkpointing=config.activation_checkpointing,
-                                 loss_chunk_tokens=config.loss_chunk_tokens)
+        self.model = build_run_model(config, self.device, self.model_config)
         if config.init_from:
             load_hf_weights(self.model, config.init_from)
         prepare_model(self.model, config)

@@ -32,8 +32,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import TrainConfig
-from ..models.llama import build_model
-from ..models.presets import get_config
+from ..recipe import build_engine, build_run_model, model_config_of, prepare_model, sync_structure
 from ..optim.state import PRECISIONS
 from .device import overhead_lines, svd_workspace_bytes
 from .tracker import CATEGORIES, MemoryTracker
@@ -77,15 +76,12 @@ def simulate(config: TrainConfig, model_config=None, *, steps: int = SIMULATED_S
     """`steps` logical steps of `config` on fake tensors; the tracker's summary plus timing.
     fake=False runs the very same steps on real CPU tensors (what the planner is tested against)."""
     from ..optim.quant8 import code_map
-    from ..train import DTYPES, build_engine, prepare_model, sync_structure  # train imports the planner
     started = time.perf_counter()
-    model_config = model_config or get_config(config.model, **config.model_overrides)
+    model_config = model_config or model_config_of(config)
     config = replace(config, accumulate=min(config.accumulate, 2))
     for signed in (True, False):  # real, cached constant tables: a fake one must never be cached
         code_map(signed, "cpu")
-    model = build_model(model_config, "meta" if fake else "cpu", DTYPES[config.dtype], seed=config.seed,
-                        activation_checkpointing=config.activation_checkpointing,
-                        loss_chunk_tokens=config.loss_chunk_tokens)
+    model = build_run_model(config, "meta" if fake else "cpu", model_config)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     if fake:
         mode.cache_enabled = False  # its cache costs more than it saves on these op mixes
@@ -140,7 +136,7 @@ def plan_config(config: TrainConfig, target: str | None = None, budget: int | No
     """The plan of `config` exactly as given: simulated at full depth when asked (or when the
     model is shallow anyway), else at 2 and 3 layers and extrapolated phase by phase."""
     target = target or plan_target(config)
-    model_config = get_config(config.model, **config.model_overrides)
+    model_config = model_config_of(config)
     depth = model_config.num_hidden_layers
     round_to = 512 if target == "cuda" else 1
     if full_depth or depth <= max(SHALLOW_LAYERS) + 1:
@@ -308,7 +304,7 @@ def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) ->
     """The largest micro-batch (<= cap) of `rung` that fits `budget`, from shallow simulations at
     two micro-batch sizes: each phase's device total is affine in the micro-batch size."""
     trial = replace(config, **rung["changes"], accumulate=2 if cap > 1 or config.accumulate > 1 else 1)
-    model_config = get_config(config.model, **config.model_overrides)
+    model_config = model_config_of(config)
     depth = model_config.num_hidden_layers
     shallow = depth > max(SHALLOW_LAYERS) + 1
     if batch_sizes is None:  # large enough that chunked loss is active, as it will be at the answer
