@@ -259,11 +259,12 @@ class Trainer:
         final = self.out / "final"
         # HF weights (with LoRA adapters merged in), replacing an older final/ only once written whole
         weights = merged_state_dict(self.model) if has_lora(self.model) else dict(self.model.named_parameters())
-        with atomic_folder(final, tensor_bytes(weights.values()), "the final weights") as tmp:
+        fix = f"free some space, then finish with --resume auto (from {self.last_checkpoint.name})"
+        with atomic_folder(final, tensor_bytes(weights.values()), "the final weights", fix) as tmp:
             save_hf(weights, self.model_config, tmp)
         if self.config.method == "lora":  # LoRA also exports its adapters for peft
             adapter_bytes = tensor_bytes(p for p in self.model.parameters() if p.requires_grad)
-            with atomic_folder(self.out / "adapter", adapter_bytes, "the LoRA adapter") as tmp:
+            with atomic_folder(self.out / "adapter", adapter_bytes, "the LoRA adapter", fix) as tmp:
                 save_peft_adapter(self.model, tmp, self.config.init_from)
         val_history = [r["val_loss"] for r in self.history if "val_loss" in r]
         summary = {"steps": self.engine.step, "final_loss": self.history[-1]["loss"] if self.history else None,
