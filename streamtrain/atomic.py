@@ -102,8 +102,8 @@ def atomic_folder(final: Path, needed_bytes: int, what: str, fix: str = "free so
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_debris(final.parent, final.name)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
         fsync_tree(tmp)
         replace_folder(tmp, final)

@@ -109,7 +109,7 @@ def write_folder(final: Path, files: dict[str, dict], record: dict) -> None:
         wrong = problem(record)
         if wrong:
             raise CheckpointError(f"cannot save checkpoint {final.name}: {JSON_FILE} would be invalid ({wrong})")
-        (tmp / JSON_FILE).write_text(json.dumps(record, indent=1))
+        (tmp / JSON_FILE).write_text(json.dumps(record, indent=1, allow_nan=False))
 
 
 def prune(root: Path, keep: int) -> None:
@@ -140,7 +140,7 @@ def read_record(path: Path) -> dict:
         record = json.loads((path / JSON_FILE).read_text())
     except FileNotFoundError:
         raise UnusableCheckpoint(path, f"has no {JSON_FILE}", "it is not a checkpoint folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise UnusableCheckpoint(path, f"is truncated or corrupt ({JSON_FILE}: {e})") from None
     validate_record(record, path)
     return record

@@ -44,7 +44,7 @@ def integer(low: int = 0, high: int | None = None):
 def number(low: float | None = None):
     """An int or a finite float (never a bool), at least `low`."""
     return leaf("a finite number" + ("" if low is None else f" >= {low}"),
-                lambda v: type(v) in (int, float) and math.isfinite(v) and (low is None or v >= low))
+                lambda v: (type(v) is int or type(v) is float and math.isfinite(v)) and (low is None or v >= low))
 
 
 def constant(expected):

@@ -259,7 +259,7 @@ class Trainer:
         final = self.out / "final"
         # HF weights (with LoRA adapters merged in), replacing an older final/ only once written whole
         weights = merged_state_dict(self.model) if has_lora(self.model) else dict(self.model.named_parameters())
-        fix = f"free some space, then finish with --resume auto (from {self.last_checkpoint.name})"
+        fix = "free some space, then finish with --resume auto (the last step's checkpoint is saved)"
         with atomic_folder(final, tensor_bytes(weights.values()), "the final weights", fix) as tmp:
             save_hf(weights, self.model_config, tmp)
         if self.config.method == "lora":  # LoRA also exports its adapters for peft
