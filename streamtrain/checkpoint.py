@@ -11,17 +11,19 @@ A checkpoint is one folder per logical step, `<out>/checkpoints/step-000100/`:
     checkpoint.json     format version, step clock, non-finite counters, LR at the step, data position,
                         the run's identity (model shape, weight dtype), each rule's config() and the
                         parameters it governs, the python scalars of every state ('step', 'rank',
-                        'refresh_step', ...), python/numpy RNG states, file sizes, caller metadata
+                        'refresh_step', ...), python/numpy RNG states, the size and blake2b checksum
+                        of each tensor file, caller metadata
 
 Rule state is walked generically from `engine.states`, so a new rule is covered as long as its
 per-parameter state holds python scalars (JSON), tensors, None (empty accumulation buffers) and
 storages. Checkpoints are taken only at step boundaries, where accumulation buffers are None.
 
-Atomic write: everything goes into `.tmp-step-000100-<pid>/` next to the final folder; each file is
-fsynced, then the folder, then the folder is renamed into place and the parent fsynced. A process
-killed at any moment leaves either the old set of checkpoints or the new one, never a half-written
-`step-*` folder (stale `.tmp-*` folders are removed by the next save). The last `keep` are kept.
-Sizes of the tensor files are recorded and checked on load, so a truncated file is refused.
+Integrity lives apart from what a checkpoint holds, so a change of contents keeps it: the folder
+on disk (atomic write, checksums of the tensor files, verified reads, falling back to the newest
+intact checkpoint) is checkpoint_files.py, the schema every field of checkpoint.json must pass is
+checkpoint_schema.py, atomic folders and checksummed tensor files are atomic.py. `load_intact`
+resumes from a step folder (that one or none) or a run folder (its newest intact checkpoint, one
+warning line per unusable checkpoint skipped).
 
 Hooks for rules with more than per-parameter state (all optional, duck-typed):
 
@@ -35,69 +37,28 @@ Hooks for rules with more than per-parameter state (all optional, duck-typed):
                                               the adapters exist, with fresh states, when the saved
                                               weights and states are copied in
 
-Load order: read and check the files -> refuse a different model or method (one-line
-CheckpointError) -> clock -> rule hooks -> parameter names must match -> weights -> states -> RNG.
+Load order: read and verify the files (checksums, schema) -> refuse a different model or method
+(one-line CheckpointError) -> clock -> rule hooks -> parameter names must match -> weights ->
+states -> RNG.
 """
 import json
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-FORMAT = "streamtrain-checkpoint"
-VERSION = 1
-FOLDER = "checkpoints"
-PREFIX = "step-"
-MODEL_FILE, STATE_FILE, JSON_FILE = "model.safetensors", "state.safetensors", "checkpoint.json"
-# Test hook: seconds to sleep in the middle of a save, so a test can SIGKILL a process mid-write.
-DELAY_ENV = "STREAMTRAIN_CHECKPOINT_DELAY"
+from .atomic import DiskFullError, remove_debris
+from .checkpoint_files import (DELAY_ENV, FOLDER, PREFIX, CheckpointError, UnusableCheckpoint, candidates,
+                               latest_checkpoint, list_checkpoints, newest_intact, prune, read_checkpoint,
+                               resolve, step_of, validate_record, write_folder)
+from .checkpoint_schema import FORMAT, JSON_FILE, MODEL_FILE, STATE_FILE, VERSION
 
-
-class CheckpointError(ValueError):
-    pass
-
-
-# -- where checkpoints are -------------------------------------------------------------------------
-def step_of(folder: Path) -> int | None:
-    name = folder.name
-    if not name.startswith(PREFIX) or not name[len(PREFIX):].isdigit():
-        return None
-    return int(name[len(PREFIX):])
-
-
-def list_checkpoints(root) -> list[Path]:
-    """Complete checkpoint folders under `root` (a checkpoints folder), oldest step first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and (p / JSON_FILE).is_file()]
-    return sorted(found, key=step_of)
-
-
-def latest_checkpoint(out) -> Path | None:
-    """The newest checkpoint of a run folder `out` (or of a checkpoints folder), None if none."""
-    out = Path(out)
-    found = list_checkpoints(out / FOLDER) or list_checkpoints(out)
-    return found[-1] if found else None
-
-
-def resolve(path) -> Path:
-    """A checkpoint folder from what a user passes: the folder itself, or a run / checkpoints
-    folder (its latest checkpoint)."""
-    path = Path(path)
-    if (path / JSON_FILE).is_file():
-        return path
-    latest = latest_checkpoint(path) if path.is_dir() else None
-    if latest is None:
-        raise CheckpointError(f"no checkpoint at {path}; pass a step folder such as "
-                              f"runs/x/{FOLDER}/{PREFIX}000100, a run folder, or --resume auto")
-    return latest
+__all__ = ["CheckpointError", "UnusableCheckpoint", "DiskFullError", "save_checkpoint", "load_checkpoint",
+           "load_intact", "read_checkpoint", "validate_record", "list_checkpoints", "latest_checkpoint",
+           "resolve", "step_of", "DELAY_ENV", "FORMAT", "VERSION", "FOLDER", "PREFIX", "JSON_FILE",
+           "MODEL_FILE", "STATE_FILE", "candidates"]
 
 
 # -- save ------------------------------------------------------------------------------------------
@@ -111,22 +72,10 @@ def save_checkpoint(out, engine, *, position: int = 0, identity: dict | None = N
                            f"(micro-batch {engine.micro_index} of step {engine.step} is in flight)")
     root = Path(out) / FOLDER
     root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(root)
+    remove_debris(root)
     final = root / f"{PREFIX}{engine.step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
     state_tensors, record = capture(engine, position, identity or {}, metadata or {})
-    sizes = {}
-    for name, tensors in ((MODEL_FILE, model_tensors(engine.model)), (STATE_FILE, state_tensors)):
-        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-        sizes[name] = fsync_file(tmp / name)
-        pause_for_tests()
-    record["file_sizes"] = sizes
-    with open(tmp / JSON_FILE, "w") as fh:
-        json.dump(record, fh, indent=1)
-    fsync_file(tmp / JSON_FILE)
-    fsync_dir(tmp)
-    replace_folder(tmp, final)
+    write_folder(final, {MODEL_FILE: model_tensors(engine.model), STATE_FILE: state_tensors}, record)
     if keep is not None:
         prune(root, keep)
     return final
@@ -215,94 +164,34 @@ def capture_rng(tensors: dict) -> dict:
             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
 
 
-# -- file system: atomic replace, durability, retention -------------------------------------------
-def fsync_file(path: Path) -> int:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-        return os.fstat(fh.fileno()).st_size
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`. POSIX cannot rename onto a non-empty folder, so an existing
-    `final` (the same step saved again) is first moved aside: a kill in between leaves the
-    older checkpoints, which resume-auto then picks."""
-    trash = None
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
-        os.rename(final, trash)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def remove_stale_temporaries(root: Path) -> None:
-    """Delete leftovers of saves that were killed (their temporary folders)."""
-    for p in root.iterdir():
-        if p.name.startswith((".tmp-", ".trash-")):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def prune(root: Path, keep: int) -> None:
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def pause_for_tests() -> None:
-    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
-
-
 # -- load ------------------------------------------------------------------------------------------
-def read_checkpoint(path) -> tuple[dict, dict, dict]:
-    """(record, model tensors, state tensors) of a checkpoint folder, with a one-line
-    CheckpointError for anything missing, truncated or corrupt."""
-    path = Path(path)
-    try:
-        record = json.loads((path / JSON_FILE).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} has no {JSON_FILE}; it is not a checkpoint folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt ({JSON_FILE}: {e}); "
-                              "resume from an earlier checkpoint or start fresh") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CheckpointError(f"{path / JSON_FILE} is not a streamtrain checkpoint")
-    if record.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {record.get('version')}, "
-                              f"this streamtrain reads version {VERSION}")
-    loaded = []
-    for name in (MODEL_FILE, STATE_FILE):
-        file = path / name
-        expected = record.get("file_sizes", {}).get(name)
-        size = file.stat().st_size if file.is_file() else None
-        if size is None or size != expected:
-            found = "missing" if size is None else f"{size} bytes, expected {expected}"
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({name}: {found}); "
-                                  "resume from an earlier checkpoint or start fresh")
-        try:
-            loaded.append(load_file(str(file)))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {path} is corrupt ({name}: {e}); "
-                                  "resume from an earlier checkpoint or start fresh") from None
-    return record, loaded[0], loaded[1]
+def load_intact(where, engine, *, identity: dict | None = None, max_position: int | None = None) -> tuple[Path, dict]:
+    """Restore the checkpoint `where` names into `engine`; returns (its folder, its record). A step
+    folder must be intact itself; for a run or checkpoints folder, unusable checkpoints are skipped
+    (one warning line each) down to the newest intact one, and none intact is a CheckpointError."""
+    found = candidates(where)
+    if found == [Path(where)]:  # one step folder, named by the user: that one or none
+        path, loaded = found[0], read_checkpoint(found[0])
+    else:
+        path, loaded = newest_intact(found)
+    return path, restore(path, engine, *loaded, identity=identity, max_position=max_position)
 
 
-def load_checkpoint(path, engine, *, identity: dict | None = None) -> dict:
-    """Restore a checkpoint into an attached engine (built for the same model and method) at a
-    step boundary; returns the JSON record (its 'position' is the data position)."""
+def load_checkpoint(path, engine, *, identity: dict | None = None, max_position: int | None = None) -> dict:
+    """Restore one checkpoint folder into an attached engine (built for the same model and method)
+    at a step boundary; returns the JSON record (its 'position' is the data position)."""
     path = Path(path)
-    record, weights, tensors = read_checkpoint(path)
+    return restore(path, engine, *read_checkpoint(path), identity=identity, max_position=max_position)
+
+
+def restore(path: Path, engine, record: dict, weights: dict, tensors: dict, *, identity: dict | None,
+            max_position: int | None) -> dict:
+    """Copy a verified checkpoint into `engine`, after refusing another model, method or data."""
     check_identity(path, record["identity"], identity or {})
     check_rules(path, [r["config"] for r in record["rules"]], [r.config() for r, _ in rules_and_parameters(engine)])
+    if max_position is not None and record["position"] > max_position:
+        raise CheckpointError(f"checkpoint {path} is at data position {record['position']}, beyond this run's "
+                              f"{max_position}; resume with the same data and batch settings")
     restore_clock(engine, record)
     for (rule, _), saved in zip(rules_and_parameters(engine), record["rules"]):
         if hasattr(rule, "load_state_extra"):

@@ -4,6 +4,7 @@
 """
 import contextlib
 import json
+import math
 import signal
 import sys
 import threading
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, resolve, save_checkpoint, step_of
+from .atomic import atomic_folder, tensor_bytes
+from .checkpoint import latest_checkpoint, load_intact, save_checkpoint, step_of
 from .config import TrainConfig
 from .data import TokenDataset, data_summary, load_corpus, make_tokenizer
 from .engine import NonFiniteError, unique
@@ -160,7 +162,10 @@ class Trainer:
         return {"model": asdict(self.model_config), "dtype": self.config.dtype}
 
     def save_checkpoint(self) -> Path:
-        metadata = {"config": self.config.to_dict(), "initial_val_loss": getattr(self, "initial_val_loss", None)}
+        initial = getattr(self, "initial_val_loss", None)
+        if initial is not None and not math.isfinite(initial):  # a checkpoint holds no NaN (its schema refuses them)
+            initial = None
+        metadata = {"config": self.config.to_dict(), "initial_val_loss": initial}
         self.last_checkpoint = save_checkpoint(self.out, self.engine, position=self.position,
                                                identity=self.identity(), metadata=metadata,
                                                keep=self.config.keep_checkpoints)
@@ -168,11 +173,11 @@ class Trainer:
 
     def resume(self, where: str) -> None:
         """Continue from a checkpoint folder, or with 'auto' from the latest in --out (if any)."""
-        path = latest_checkpoint(self.out) if where == "auto" else resolve(where)
-        if path is None:
+        if where == "auto" and latest_checkpoint(self.out) is None:
             print(f"--resume auto: no checkpoint in {self.out}; starting fresh", file=sys.stderr)
             return
-        record = load_checkpoint(path, self.engine, identity=self.identity())
+        # a run folder resumes from its newest intact checkpoint, a step folder from itself or not at all
+        path, record = load_intact(self.out if where == "auto" else where, self.engine, identity=self.identity())
         self.position = record["position"]
         if record["metadata"].get("initial_val_loss") is not None:
             self.initial_val_loss = record["metadata"]["initial_val_loss"]
@@ -204,12 +209,15 @@ class Trainer:
             self.save_checkpoint()
         self.engine.detach()
         final = self.out / "final"
-        if has_lora(self.model):  # HF weights with the adapters merged in; LoRA also exports for peft
-            save_hf(merged_state_dict(self.model), self.model_config, final)
-            if self.config.method == "lora":
-                save_peft_adapter(self.model, self.out / "adapter", self.config.init_from)
-        else:
-            save_hf(dict(self.model.named_parameters()), self.model_config, final)
+        # HF weights (with LoRA adapters merged in), replacing an older final/ only once written whole
+        weights = merged_state_dict(self.model) if has_lora(self.model) else dict(self.model.named_parameters())
+        fix = "free some space, then finish with --resume auto (the last step's checkpoint is saved)"
+        with atomic_folder(final, tensor_bytes(weights.values()), "the final weights", fix) as tmp:
+            save_hf(weights, self.model_config, tmp)
+        if self.config.method == "lora":  # LoRA also exports its adapters for peft
+            adapter_bytes = tensor_bytes(p for p in self.model.parameters() if p.requires_grad)
+            with atomic_folder(self.out / "adapter", adapter_bytes, "the LoRA adapter", fix) as tmp:
+                save_peft_adapter(self.model, tmp, self.config.init_from)
         val_history = [r["val_loss"] for r in self.history if "val_loss" in r]
         summary = {"steps": self.engine.step, "final_loss": self.history[-1]["loss"] if self.history else None,
                    "val_loss": val_history[-1] if val_history else None,

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from streamtrain import checkpoint as ckpt
 from streamtrain.config import TrainConfig
@@ -97,7 +98,7 @@ def test_checkpoint_files_hold_every_state_by_parameter_name(tmp_path):
     trainer.run()
     folder = tmp_path / "checkpoints" / "step-000003"
     record = json.loads((folder / "checkpoint.json").read_text())
-    assert (record["format"], record["version"], record["step"], record["position"]) == (ckpt.FORMAT, 1, 3, 6)
+    assert (record["format"], record["version"], record["step"], record["position"]) == (ckpt.FORMAT, 2, 3, 6)
     assert record["lr"] == trainer.engine.lr_at(3)
     assert {r["config"]["name"] for r in record["rules"]} == {"adamw", "galore"}
 
@@ -107,14 +108,14 @@ def test_checkpoint_files_hold_every_state_by_parameter_name(tmp_path):
     assert record["states"][q]["step"] == galore_state["step"] == 3
     assert record["states"][q]["grad_acc"] is None  # accumulation buffers are empty at a boundary
 
-    states = ckpt.load_file(str(folder / "state.safetensors"))
+    states = load_file(str(folder / "state.safetensors"))
     assert torch.equal(states[f"{q}/basis"], galore_state["basis"])
     assert torch.equal(states[f"{q}/exp_avg/data"], galore_state["exp_avg"].data)  # 8 x 64: small, fp32
     embed = "model.embed_tokens.weight"                                            # 256 x 64: 8-bit
     assert record["states"][embed]["exp_avg"] == {"storage": "BlockwiseState8bit", "tensors": ["absmax", "codes", "rng"]}
     assert torch.equal(states[f"{embed}/exp_avg/codes"], trainer.engine.states[embed]["exp_avg"].codes)
     assert torch.equal(states[f"{embed}/exp_avg_sq/absmax"], trainer.engine.states[embed]["exp_avg_sq"].absmax)
-    weights = ckpt.load_file(str(folder / "model.safetensors"))
+    weights = load_file(str(folder / "model.safetensors"))
     assert weights.keys() == trainer.model.state_dict().keys()
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
 

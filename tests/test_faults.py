@@ -1,5 +1,5 @@
-"""Faults and bad input lose nothing: stop signals save a checkpoint first, a SIGKILL in the
-middle of a save leaves the previous checkpoint loadable, non-finite steps change nothing and are
+"""Faults and bad input lose nothing: stop signals save a checkpoint first, a SIGKILL or a full
+disk in the middle of a save leaves the previous checkpoint loadable, non-finite steps change nothing and are
 counted, an SVD that does not converge is retried, out of memory keeps the last checkpoint, and
 every bad input is one line on stderr with exit status 2."""
 import math
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from streamtrain import atomic
 from streamtrain import checkpoint as ckpt
 from streamtrain import run
 from streamtrain.optim import projector
@@ -20,6 +21,7 @@ from streamtrain.rules.galore import GaLore
 from streamtrain.train import RunStopped, Trainer
 
 from test_checkpoint import assert_identical, small_config, snapshot
+from test_checkpoint_integrity import DiskFullAfter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +85,8 @@ def cli_config(out, **overrides):
     return small_config(out, **{**defaults, **overrides})
 
 
-def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_resumable(tmp_path):
+def test_sigkill_or_a_full_disk_in_the_middle_of_a_save_leaves_the_previous_checkpoint_resumable(
+        tmp_path, monkeypatch, capsys):
     out = tmp_path / "killed"
     env = {**os.environ, ckpt.DELAY_ENV: "1.5", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     process = subprocess.Popen([sys.executable, "-m", "streamtrain.run", *CLI_RUN, "--save-every", "2",
@@ -99,6 +102,14 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_resumabl
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-000002"]
     record, _, _ = ckpt.read_checkpoint(root / "step-000002")
     assert (record["step"], record["position"]) == (2, 4)
+
+    # resumed, the run fills the disk while saving step 4: one line, exit 2, nothing half-written
+    with monkeypatch.context() as patch:
+        patch.setattr(atomic, "open", DiskFullAfter(".tmp-step-000004", capacity=50_000), raising=False)
+        status, err = cli(capsys, "--save-every", "2", "--out", str(out), "--resume", "auto")
+    assert_one_line_error(status, err, f"no space left on the device writing checkpoint step-000004 to "
+                          f"{root / 'step-000004'}: it needs about", "the last checkpoint, step-000002, is intact")
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
 
     resumed = Trainer(cli_config(out, resume="auto", save_every=2))
     assert resumed.engine.step == 2
