@@ -2,6 +2,7 @@
 names the flag and the fix. The CLI builds its flags from these fields; library users fill the
 dataclass directly."""
 import argparse
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .methods import METHODS
@@ -10,6 +11,23 @@ from .optim.state import PRECISIONS
 
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+# float flag -> (low, high, low bound open?, the fix): every range a value may take
+FLOAT_RANGES = {
+    "lr": (0.0, 1.0, True, "pass a learning rate such as 1e-3 (Adam-family rates above 1 diverge)"),
+    "min_lr_ratio": (0.0, 1.0, False, "pass a fraction of --lr such as 0.1"),
+    "weight_decay": (0.0, 100.0, False, "pass 0 or a small decay such as 0.1"),
+    "galore_scale": (0.0, 100.0, True, "pass a positive scale such as 0.25"),
+    "lora_alpha": (0.0, 1e6, True, "pass a positive alpha such as 32"),
+    "lora_dropout": (0.0, 0.99, False, "pass a probability such as 0.05"),
+    "relora_keep_fraction": (0.0, 1.0, False, "pass a fraction such as 0.1"),
+    "eta": (0.0, 1.0, True, "pass a fraction of the gradient energy such as 0.9"),
+    "converge_threshold": (0.0, 1.0, False, "pass a fraction such as 0.5 (0 disables convergence refreshes)"),
+    "refresh_share": (0.0, 1.0, True, "pass a fraction such as 0.25"),
+    "clip_per_tensor": (0.0, 1e12, True, "pass a positive norm such as 1.0, or leave it unset"),
+    "norm_growth": (1.0, 100.0, False, "pass a factor >= 1 such as 1.01 (below 1 the updates shrink to zero)"),
+}
 
 
 def opt(default, help, choices=None, **extra):
@@ -84,7 +102,10 @@ class TrainConfig:
                                        "extrapolated (exact for identical layers)")
     device: str = opt("auto", "device: auto picks cuda when present", choices=DEVICES)
     seed: int = opt(0, "seed for weights, data order and sampling")
-    out: str = opt("runs/latest", "output folder: metrics, checkpoints, reports")
+    out: str | None = opt(None, "output folder: metrics, checkpoints, reports, final weights (default: a new "
+                                "runs/<date>_<time>; with --resume auto, the newest run under runs/)")
+    overwrite: bool = opt(False, "start a fresh run in an --out that holds another run, deleting that run's "
+                                 "files first (without it such a run is refused)")
     eval_every: int = opt(50, "validation every N steps (0 = only at the end)")
     eval_batches: int = opt(8, "validation micro-batches per evaluation")
     progress: bool = opt(True, "show a progress bar")
@@ -93,6 +114,9 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "keep the newest K checkpoints in <out>/checkpoints")
     resume: str | None = opt(None, "continue from a checkpoint folder, or 'auto': the latest in --out "
                                    "(none there: start fresh)")
+    reschedule: bool = opt(False, "on resume, accept a changed --steps: the LR continues from the checkpoint's "
+                                  "value with a cosine down to the floor at the new --steps (without it a changed "
+                                  "--steps is refused)")
 
     def validate(self) -> "TrainConfig":
         if self.model not in PRESETS:
@@ -102,29 +126,14 @@ class TrainConfig:
                 fail(flag(name), f"must be >= 1, got {getattr(self, name)}", "pass a positive integer")
         if self.seq_len < 2:
             fail("--seq-len", f"must be >= 2, got {self.seq_len}", "pass a longer sequence length")
-        if not self.lr > 0:
-            fail("--lr", f"must be > 0, got {self.lr}", "pass a positive learning rate such as 1e-3")
+        self._validate_floats()
         if self.warmup < -1 or self.warmup > self.steps:
             fail("--warmup", f"{self.warmup} is outside [-1, --steps]", "pass -1 for 10% or a step count")
-        if not 0 <= self.min_lr_ratio <= 1:
-            fail("--min-lr-ratio", f"{self.min_lr_ratio} is outside [0, 1]", "pass a fraction")
         for name, allowed in (("method", METHODS), ("states", PRECISIONS), ("dtype", DTYPES), ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 fail(flag(name), f"unknown value {getattr(self, name)!r}", f"choose one of {', '.join(allowed)}")
-        for name in ("eta", "refresh_share"):
-            if not 0 < getattr(self, name) <= 1:
-                fail(flag(name), f"{getattr(self, name)} is outside (0, 1]", "pass a fraction such as 0.9")
-        if not 0 <= self.relora_keep_fraction <= 1:
-            fail("--relora-keep-fraction", f"{self.relora_keep_fraction} is outside [0, 1]", "pass a fraction")
-        if not 0 <= self.lora_dropout < 1:
-            fail("--lora-dropout", f"{self.lora_dropout} is outside [0, 1)", "pass a probability such as 0.05")
-        if self.r_min < 1 or self.lora_alpha <= 0 or self.converge_threshold < 0:
-            fail("--r-min/--lora-alpha/--converge-threshold", "must be positive (threshold >= 0)",
-                 "pass a positive value")
-        for name in ("clip_per_tensor", "norm_growth"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                fail(flag(name), f"must be > 0, got {value}", "pass a positive number or leave it unset")
+        if self.r_min < 1:
+            fail("--r-min", f"must be >= 1, got {self.r_min}", "pass a positive rank")
         if self.save_every < 0:
             fail("--save-every", f"must be >= 0, got {self.save_every}", "pass 0 (only at the end) or a step count")
         if self.keep_checkpoints < 1:
@@ -138,6 +147,25 @@ class TrainConfig:
         if self.eval_every < 0 or self.loss_chunk_tokens < 0 or self.max_data_bytes < 0:
             fail("--eval-every/--loss-chunk-tokens/--max-data-bytes", "must be >= 0", "pass 0 or a positive integer")
         return self
+
+    def _validate_floats(self) -> None:
+        """Every float flag is finite and inside the range where the math means something: a NaN
+        or an absurd value must be refused here, not end as a NaN model with exit status 0."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(flag(f.name), f"must be a finite number, got {value}", "pass a real number")
+        for name, (low, high, low_open, hint) in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            below = value <= low if low_open else value < low
+            if below or value > high:
+                interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+                fail(flag(name), f"{value:g} is outside {interval}", hint)
+        if self.lr * self.weight_decay >= 1:
+            fail("--weight-decay", f"--lr x --weight-decay = {self.lr * self.weight_decay:g} >= 1 flips the "
+                 "weights' sign every step", "lower --weight-decay (0.0-0.1 is usual)")
 
     def relora_options(self) -> dict:
         quarter = max(1, self.steps // 4)

@@ -22,6 +22,26 @@ def test_bad_arguments_give_one_line_naming_the_flag(argv, flag, capsys, tmp_pat
     assert err.startswith("error: ") and flag in err and "\n" not in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--weight-decay", "nan"], "--weight-decay: must be a finite number, got nan"),
+    (["--galore-scale", "nan"], "--galore-scale: must be a finite number, got nan"),
+    (["--lora-alpha", "nan"], "--lora-alpha: must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr: must be a finite number, got inf"),
+    (["--lr", "1e30"], "--lr: 1e+30 is outside (0, 1]"),
+    (["--weight-decay", "-0.1"], "--weight-decay: -0.1 is outside [0, 100]"),
+    (["--lr", "0.5", "--weight-decay", "2"], "--weight-decay: --lr x --weight-decay = 1 >= 1"),
+    (["--norm-growth", "0.5"], "--norm-growth: 0.5 is outside [1, 100]"),
+    (["--converge-threshold", "-1"], "--converge-threshold: -1 is outside [0, 1]"),
+    (["--clip-per-tensor", "nan"], "--clip-per-tensor: must be a finite number"),
+    (["--min-lr-ratio", "nan"], "--min-lr-ratio: must be a finite number"),
+])
+def test_every_float_flag_is_finite_and_in_range(argv, message, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err, err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_unknown_choice_is_rejected_by_argparse(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--method", "sgd"])
