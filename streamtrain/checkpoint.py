@@ -56,7 +56,7 @@ from .checkpoint_files import (DELAY_ENV, FOLDER, PREFIX, CheckpointError, Unusa
 from .checkpoint_schema import FORMAT, JSON_FILE, MODEL_FILE, STATE_FILE, VERSION
 
 __all__ = ["CheckpointError", "UnusableCheckpoint", "DiskFullError", "save_checkpoint", "load_checkpoint",
-           "load_intact", "read_checkpoint", "validate_record", "list_checkpoints", "latest_checkpoint",
+           "load_intact", "locate_intact", "restore", "NonFiniteCheckpoint", "read_checkpoint", "validate_record", "list_checkpoints", "latest_checkpoint",
            "resolve", "step_of", "DELAY_ENV", "FORMAT", "VERSION", "FOLDER", "PREFIX", "JSON_FILE",
            "MODEL_FILE", "STATE_FILE", "candidates"]
 
@@ -75,10 +75,26 @@ def save_checkpoint(out, engine, *, position: int = 0, identity: dict | None = N
     remove_debris(root)
     final = root / f"{PREFIX}{engine.step:06d}"
     state_tensors, record = capture(engine, position, identity or {}, metadata or {})
-    write_folder(final, {MODEL_FILE: model_tensors(engine.model), STATE_FILE: state_tensors}, record)
+    weights = model_tensors(engine.model)
+    refuse_nonfinite(final, weights, state_tensors)
+    write_folder(final, {MODEL_FILE: weights, STATE_FILE: state_tensors}, record)
     if keep is not None:
         prune(root, keep)
     return final
+
+
+class NonFiniteCheckpoint(CheckpointError):
+    """A checkpoint would hold a NaN or Inf weight or state; nothing was written."""
+
+
+def refuse_nonfinite(final: Path, weights: dict, state_tensors: dict) -> None:
+    """No checkpoint holds non-finite values: resuming one could never recover."""
+    for kind, tensors in (("weight", weights), ("optimizer state", state_tensors)):
+        bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteCheckpoint(f"{kind} {bad[0]} holds NaN or Inf values"
+                                      + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                                      + f"; {final.name} was not written")
 
 
 def capture(engine, position: int, identity: dict, metadata: dict) -> tuple[dict, dict]:
@@ -169,12 +185,17 @@ def load_intact(where, engine, *, identity: dict | None = None, max_position: in
     """Restore the checkpoint `where` names into `engine`; returns (its folder, its record). A step
     folder must be intact itself; for a run or checkpoints folder, unusable checkpoints are skipped
     (one warning line each) down to the newest intact one, and none intact is a CheckpointError."""
+    path, loaded = locate_intact(where)
+    return path, restore(path, engine, *loaded, identity=identity, max_position=max_position)
+
+
+def locate_intact(where) -> tuple[Path, tuple]:
+    """(folder, (record, weights, state tensors)) of the checkpoint `where` names, verified, without
+    touching an engine (load_intact's first half: a trainer reads the record before it builds)."""
     found = candidates(where)
     if found == [Path(where)]:  # one step folder, named by the user: that one or none
-        path, loaded = found[0], read_checkpoint(found[0])
-    else:
-        path, loaded = newest_intact(found)
-    return path, restore(path, engine, *loaded, identity=identity, max_position=max_position)
+        return found[0], read_checkpoint(found[0])
+    return newest_intact(found)
 
 
 def load_checkpoint(path, engine, *, identity: dict | None = None, max_position: int | None = None) -> dict:

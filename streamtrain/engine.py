@@ -32,8 +32,13 @@ class StepReport:
     loss: float             # mean loss over its micro-batches
     lr: float
     grad_norm: float        # global L2 norm, computed inside the hooks (see Rule.update)
-    skipped: bool           # a non-finite loss or gradient: no parameter changed
+    skipped: bool           # a non-finite loss or gradient: the step was not taken
     nonfinite_total: int    # skipped steps so far
+    # In a skipped step, the parameters that changed anyway: per-layer updates cannot wait for the
+    # whole backward, so when the non-finite gradient shows up in the last micro-batch, the
+    # parameters whose hooks fired before it are already updated (and a GaLore refresh in the
+    # first micro-batch has already replaced its basis). Empty when nothing moved.
+    partial: tuple = ()
 
 
 class NonFiniteError(RuntimeError):
@@ -125,6 +130,7 @@ class Engine:
         with torch.no_grad():
             if ctx.is_last:
                 self._grad_sq = self._grad_sq + rule.update(param, grad, state, ctx)
+                self._updated.append(name)
             else:
                 rule.accumulate(param, grad, state, ctx)
         del grad
@@ -183,7 +189,14 @@ class Engine:
         self.nonfinite_in_row = self.nonfinite_in_row + 1 if skipped else 0
         loss = value_of(self._loss_sum) / self.accumulate
         grad_norm = math.nan if skipped else math.sqrt(value_of(self._grad_sq))
-        return StepReport(ctx.step, loss, ctx.lr, grad_norm, skipped, self.nonfinite_total)
+        partial = self._changed_anyway(ctx.step) if skipped else ()
+        return StepReport(ctx.step, loss, ctx.lr, grad_norm, skipped, self.nonfinite_total, partial)
+
+    def _changed_anyway(self, step: int) -> tuple:
+        """The parameters a skipped step changed before its non-finite value was found: updated in
+        the last micro-batch, or given a new subspace (refresh_step == step) in the first."""
+        refreshed = [n for n, state in self.states.items() if state.get("refresh_step") == step]
+        return tuple(sorted(set(self._updated) | set(refreshed)))
 
     # -- clock and context ---------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -200,6 +213,7 @@ class Engine:
         self.micro_index = 0
         self._step_bad = False
         self._touched = set()
+        self._updated = []
         self._seen_this_backward = set()
         self._grad_sq = torch.zeros(())
         self._loss_sum = torch.zeros(())
