@@ -11,7 +11,7 @@ from .methods import assign_rules
 from .models.llama import build_model
 from .models.lora import apply_lora
 from .models.presets import get_config
-from .optim.schedule import CosineSchedule
+from .optim.schedule import CosineSchedule, RescheduledCosine
 from .rules.lora import ReLoRA
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -60,8 +60,18 @@ def sync_structure(engine: Engine) -> None:
             rule.sync(engine)
 
 
-def build_engine(model, config: TrainConfig, **engine_options) -> Engine:
-    schedule = CosineSchedule(config.lr, config.steps, config.warmup_steps, config.min_lr_ratio)
+def build_schedule(config: TrainConfig, history: dict | None = None):
+    """The cosine of `config`; after resumes that changed the run's length (resume.py), the cosine
+    of the first run's `steps`, then each [start, total] change in `history['changes']`."""
+    steps = history["steps"] if history else config.steps
+    schedule = CosineSchedule(config.lr, steps, config.warmup_steps, config.min_lr_ratio)
+    for start, total in (history or {}).get("changes", []):
+        schedule = RescheduledCosine(schedule, start, total, config.lr * config.min_lr_ratio)
+    return schedule
+
+
+def build_engine(model, config: TrainConfig, schedule_history: dict | None = None, **engine_options) -> Engine:
+    schedule = build_schedule(config, schedule_history)
     rules = build_rules(model, config)
     relora = next((r for r in rules.values() if isinstance(r, ReLoRA)), None)
     if relora is not None:  # ReLoRA's jagged cosine restarts the LR after every merge

@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_folder, tensor_bytes
-from .checkpoint import latest_checkpoint, load_intact, save_checkpoint, step_of
+from .checkpoint import NonFiniteCheckpoint, latest_checkpoint, locate_intact, restore, save_checkpoint, step_of
 from .config import TrainConfig
-from .data import TokenDataset, data_summary, load_corpus, make_tokenizer
+from .data import TokenDataset, data_identity, data_summary, load_corpus, make_tokenizer, tokenizer_identity
 from .engine import NonFiniteError, unique
 from .hf import load_hf_weights, save_hf
 from .memory.planner import check_offload, plan_before_training
@@ -28,13 +28,24 @@ from .memory.units import parse_bytes
 from .models.llama import perplexity
 from .models.lora import has_lora, merged_state_dict, save_peft_adapter
 from .recipe import build_engine, build_run_model, model_config_of, prepare_model, resolve_device, sync_structure
+from .resume import adopt_derived, check_same_run, resolved, schedule_changes
+from .runfolder import RunLock, check_run_folder, clear_run, default_out
+
+RUN_CONFIG = "run_config.json"  # the run's resolved settings (never config.json: an HF folder's is the model's)
 
 class Trainer:
     def __init__(self, config: TrainConfig):
-        self.config = config.validate()
+        config = config.validate()
+        self.out = Path(config.out) if config.out else default_out(config.resume)
+        self.lock = RunLock(self.out)
+        self.lock.check_free()  # refuse now, before any work, if another process trains here
+        self.resume_from = self._locate_resume(config)
+        check_run_folder(self.out, resuming=self.resume_from is not None, overwrite=config.overwrite)
+        if self.resume_from is not None:  # settings derived from --steps stay as the checkpoint's run had them
+            config = adopt_derived(config, self.resume_from[1][0]["metadata"]["config"]).validate()
+        self.config = config
         self.device = resolve_device(config.device)
         check_offload(config, self.device.type)
-        self.out = Path(config.out)
         torch.manual_seed(config.seed)
         self.model_config = model_config_of(config)
         if config.seq_len > self.model_config.max_position_embeddings:
@@ -49,27 +60,68 @@ class Trainer:
                              token_dtype=config.token_dtype, vocab_size=self.model_config.vocab_size)
         self.dataset = TokenDataset(corpus.tokens, config.seq_len, seed=config.seed)
         self.data_summary = data_summary(corpus, self.dataset, config.steps, config.batch_size, config.accumulate)
+        self.data_identity = {"data": data_identity(config.data, self.tokenizer, config.max_data_bytes or None,
+                                                    config.text_field, config.token_dtype),
+                              "tokenizer": tokenizer_identity(self.tokenizer)}
+        self.schedule_history = self._schedule_history()
         self.model = build_run_model(config, self.device, self.model_config)
         if config.init_from:
             load_hf_weights(self.model, config.init_from)
         prepare_model(self.model, config)
-        self.engine = build_engine(self.model, config).attach()
+        self.engine = build_engine(self.model, config, self.schedule_history).attach()
         sync_structure(self.engine)
         self.position = 0        # training micro-batches consumed (the data position)
         self.history = []
         self.stop_signal = None  # set by SIGINT/SIGTERM (or request_stop): checkpoint, then stop
         self.last_checkpoint = None
-        if config.resume:
-            self.resume(config.resume)
+        if self.resume_from is not None:
+            self.resume()
         self.profiler = RunProfiler(self.model, self.engine, self.device,
                                     parse_bytes(config.budget) if config.budget else None)
 
+    def _locate_resume(self, config: TrainConfig):
+        """(folder, verified contents) of the checkpoint to continue, or None for a fresh start."""
+        if not config.resume:
+            return None
+        if config.resume == "auto" and latest_checkpoint(self.out) is None:
+            print(f"--resume auto: no checkpoint in {self.out}; starting fresh", file=sys.stderr)
+            return None
+        # a run folder resumes from its newest intact checkpoint, a step folder from itself or not at all
+        return locate_intact(self.out if config.resume == "auto" else config.resume)
+
+    def _schedule_history(self) -> dict:
+        """The run's schedule: its first --steps and every [step, --steps] change made on a resume
+        (--reschedule); a changed --steps without it is refused."""
+        if self.resume_from is None:
+            return {"steps": self.config.steps, "changes": []}
+        record = self.resume_from[1][0]
+        saved = record["metadata"]
+        check_same_run(self.config, saved["config"], self.data_identity, saved.get("run_identity", {}))
+        history = saved.get("schedule") or {"steps": saved["config"]["steps"], "changes": []}
+        changes = schedule_changes(self.config, saved["config"], history["changes"], record["step"],
+                                   self.config.reschedule)
+        return {"steps": history["steps"], "changes": changes}
+
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
+        self.lock.acquire()
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict:
         c = self.config
+        if c.overwrite and self.resume_from is None:
+            removed = clear_run(self.out)
+            if removed:
+                print(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {self.out}", file=sys.stderr)
+        print(f"run folder: {self.out}", flush=True)
         print("\n".join(self.data_summary), flush=True)  # stdout: stderr is for errors
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
+        if self.resume_from is not None:
+            trim_metrics(self.out / "metrics.jsonl", self.engine.step)
+        # the run's own config, under a name no HF tool reads (an HF folder's config.json is the model's)
+        (self.out / RUN_CONFIG).write_text(json.dumps(resolved(c).to_dict(), indent=2))
         bar = tqdm(total=c.steps, initial=self.engine.step, disable=not c.progress, desc="train", unit="step")
         mode = "a" if self.engine.step else "w"  # a resumed run appends to its own history
         try:
@@ -81,8 +133,12 @@ class Trainer:
             checkpoint = self.save_checkpoint()
             report = self.write_memory_report()
             raise RunStopped(f"{e}; memory report in {report}; checkpoint saved to {checkpoint}", exit_code=1) from None
-        except NonFiniteError as e:  # the skipped steps left weights and states untouched: save them
-            raise RunStopped(f"{e}; checkpoint saved to {self.save_checkpoint()}", exit_code=3) from None
+        except NonFiniteError as e:  # skipped steps leave weights whole unless they went non-finite themselves
+            raise RunStopped(f"{e}; {self.save_if_finite()}", exit_code=3) from None
+        except NonFiniteCheckpoint as e:  # a periodic save found non-finite weights: nothing to keep from here
+            raise RunStopped(f"the model went non-finite by step {self.engine.step} ({e}); the last finite "
+                             f"checkpoint is {latest_checkpoint(self.out) or 'none'}; lower --lr or enable "
+                             "--clip-per-tensor / --norm-growth", exit_code=3) from None
         except torch.OutOfMemoryError as e:  # mid-step: weights may be half updated, keep the last checkpoint
             raise self.out_of_memory(e) from None
         bar.close()
@@ -102,6 +158,7 @@ class Trainer:
             record = {"step": report.step, "loss": report.loss, "lr": report.lr,
                       "grad_norm": report.grad_norm, "skipped": report.skipped,
                       "nonfinite_total": report.nonfinite_total,
+                      **({"partial": list(report.partial)} if report.partial else {}),
                       "tokens": (report.step + 1) * tokens_per_step,
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
             if self._evaluation_due(report.step):
@@ -119,7 +176,9 @@ class Trainer:
     def _at_step_boundary(self) -> None:
         """Periodic checkpoints, and the stop a signal asked for (after its checkpoint)."""
         every = self.config.save_every
-        if self.stop_signal is not None or (every and self.engine.step % every == 0):
+        periodic = every and self.engine.step % every == 0
+        # no periodic save during a streak of skipped steps: it would rotate out the last good checkpoint
+        if self.stop_signal is not None or (periodic and self.engine.nonfinite_in_row == 0):
             self.save_checkpoint()
         if self.stop_signal is not None and self.engine.step < self.config.steps:  # else finish normally
             name = signal.Signals(self.stop_signal).name
@@ -165,24 +224,34 @@ class Trainer:
         initial = getattr(self, "initial_val_loss", None)
         if initial is not None and not math.isfinite(initial):  # a checkpoint holds no NaN (its schema refuses them)
             initial = None
-        metadata = {"config": self.config.to_dict(), "initial_val_loss": initial}
+        metadata = {"config": resolved(self.config).to_dict(), "initial_val_loss": initial,
+                    "run_identity": self.data_identity, "schedule": self.schedule_history}
         self.last_checkpoint = save_checkpoint(self.out, self.engine, position=self.position,
                                                identity=self.identity(), metadata=metadata,
                                                keep=self.config.keep_checkpoints)
         return self.last_checkpoint
 
-    def resume(self, where: str) -> None:
-        """Continue from a checkpoint folder, or with 'auto' from the latest in --out (if any)."""
-        if where == "auto" and latest_checkpoint(self.out) is None:
-            print(f"--resume auto: no checkpoint in {self.out}; starting fresh", file=sys.stderr)
-            return
-        # a run folder resumes from its newest intact checkpoint, a step folder from itself or not at all
-        path, record = load_intact(self.out if where == "auto" else where, self.engine, identity=self.identity())
+    def save_if_finite(self) -> str:
+        """Save a checkpoint unless the weights or states went non-finite; says what was kept."""
+        try:
+            return f"checkpoint saved to {self.save_checkpoint()}"
+        except NonFiniteCheckpoint as e:
+            return (f"not saved ({e}); the last finite checkpoint is {latest_checkpoint(self.out) or 'none'}; "
+                    "lower --lr or enable --clip-per-tensor / --norm-growth")
+
+    def resume(self) -> None:
+        """Continue from the checkpoint _locate_resume found (verified, of the same run)."""
+        path, loaded = self.resume_from
+        record = restore(path, self.engine, *loaded, identity=self.identity(),
+                         max_position=self.max_position())
         self.position = record["position"]
         if record["metadata"].get("initial_val_loss") is not None:
             self.initial_val_loss = record["metadata"]["initial_val_loss"]
         self.last_checkpoint = path
-        trim_metrics(self.out / "metrics.jsonl", self.engine.step)
+
+    def max_position(self) -> int:
+        """The largest data position a run of --steps can reach (a checkpoint beyond it is not ours)."""
+        return self.config.steps * self.config.accumulate * max(1, len(self.dataset.train_windows))
 
     def out_of_memory(self, error: Exception) -> "RunStopped":
         """Write what is known about memory and say where the last (intact) checkpoint is; the
@@ -205,8 +274,16 @@ class Trainer:
         return write_report(self.out, build_report("run", self.config, self.plan, self.profiler.measured()))[1]
 
     def finish(self) -> dict:
+        val_history = [r["val_loss"] for r in self.history if "val_loss" in r]
+        if val_history and not math.isfinite(val_history[-1]):
+            raise RunStopped(f"the final validation loss is {val_history[-1]}: the model is not usable and no final "
+                             f"weights were written; {self.save_if_finite()}", exit_code=3)
         if self.last_checkpoint is None or step_of(self.last_checkpoint) != self.engine.step:
-            self.save_checkpoint()
+            try:
+                self.save_checkpoint()
+            except NonFiniteCheckpoint as e:
+                raise RunStopped(f"the model went non-finite ({e}); no final weights were written; the last "
+                                 f"finite checkpoint is {latest_checkpoint(self.out) or 'none'}", exit_code=3) from None
         self.engine.detach()
         final = self.out / "final"
         # HF weights (with LoRA adapters merged in), replacing an older final/ only once written whole
@@ -218,12 +295,12 @@ class Trainer:
             adapter_bytes = tensor_bytes(p for p in self.model.parameters() if p.requires_grad)
             with atomic_folder(self.out / "adapter", adapter_bytes, "the LoRA adapter", fix) as tmp:
                 save_peft_adapter(self.model, tmp, self.config.init_from)
-        val_history = [r["val_loss"] for r in self.history if "val_loss" in r]
         summary = {"steps": self.engine.step, "final_loss": self.history[-1]["loss"] if self.history else None,
                    "val_loss": val_history[-1] if val_history else None,
                    "initial_val_loss": getattr(self, "initial_val_loss", None),
                    "val_perplexity": perplexity(val_history[-1]) if val_history else None,
-                   "skipped_steps": self.engine.nonfinite_total, "weights": str(final)}
+                   "skipped_steps": self.engine.nonfinite_total,
+                   "partial_steps": sum(1 for r in self.history if r.get("partial")), "weights": str(final)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.write_memory_report()
         return summary

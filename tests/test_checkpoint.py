@@ -155,9 +155,9 @@ def test_resume_path_may_be_a_step_folder_or_a_run_folder(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(method="adamw"), "another method (rules: checkpoint adamw+galore, this run adamw)"),
-    (dict(rank=4), "another method (galore rank: checkpoint 8, this run 4)"),
-    (dict(states="8bit"), "another method (adamw states: checkpoint 'fp32', this run '8bit')"),
+    (dict(method="adamw"), "--method: the checkpoint's run used 'galore', this run 'adamw'"),
+    (dict(rank=4), "--rank: the checkpoint's run used 8, this run 4"),
+    (dict(states="8bit"), "--states: the checkpoint's run used 'fp32', this run '8bit'"),
     (dict(model_overrides={**SMALL_MODEL, "hidden_size": 32}), "model hidden_size: checkpoint 64, this run 32"),
     (dict(dtype="bfloat16"), "dtype"),
 ])

@@ -55,7 +55,7 @@ def flip_tensor_bytes(file):
 
 
 def resume(out, where="auto", **overrides):
-    return Trainer(small_config(out, **{"steps": 3, "accumulate": 1, "resume": where, **overrides}))
+    return Trainer(small_config(out, **{"steps": 2, "accumulate": 1, "resume": where, **overrides}))
 
 
 # -- checksums and fallback ------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_a_full_disk_mid_save_keeps_the_previous_checkpoint_and_no_temporary(tmp
     assert str(error.value).endswith(f"then continue with --resume auto; the last checkpoint, {STEP1}, is intact")
     assert os.listdir(root) == [STEP1]
     monkeypatch.undo()
-    assert resume(tmp_path).engine.step == 1
+    assert resume(tmp_path, steps=3).engine.step == 1
 
 
 @pytest.mark.parametrize("failure", [
@@ -273,7 +273,7 @@ def test_a_full_disk_in_the_final_export_keeps_the_old_final_folder_whole(tmp_pa
         real_save_hf({k: v[:1] for k, v in state.items()}, config, out_dir)  # a partial write, then the disk fills
         raise failure
     monkeypatch.setattr(train_module, "save_hf", save_hf_on_a_full_disk)
-    trainer = resume(tmp_path, steps=2)
+    trainer = resume(tmp_path, steps=2, reschedule=True)  # one step more than the first run planned
     with pytest.raises(OSError) as error:
         trainer.run()
     weights = atomic.tensor_bytes(trainer.model.parameters())
@@ -285,7 +285,7 @@ def test_a_full_disk_in_the_final_export_keeps_the_old_final_folder_whole(tmp_pa
     assert final.keys() == old_final.keys() and all(torch.equal(final[k], old_final[k]) for k in final)
     assert not [p for p in os.listdir(tmp_path) if p.startswith((".tmp-", ".trash-"))]
     monkeypatch.undo()  # space freed: the export replaces the old final/ whole
-    finished = resume(tmp_path, steps=2)
+    finished = resume(tmp_path, steps=2, reschedule=True)
     finished.run()
     exported = read_hf(tmp_path / "final")
     assert all(torch.equal(exported[k], v) for k, v in finished.model.named_parameters())
@@ -311,5 +311,5 @@ def test_a_kill_while_pruning_leaves_nothing_behind_after_the_next_save(tmp_path
     monkeypatch.undo()
     root = tmp_path / "checkpoints"
     assert sorted(p for p in os.listdir(root) if p.startswith("step-")) == [STEP2]  # no half-deleted step folder
-    resume(tmp_path, keep_checkpoints=1, save_every=1).run()
+    resume(tmp_path, steps=3, keep_checkpoints=1, save_every=1).run()
     assert os.listdir(root) == ["step-000003"]

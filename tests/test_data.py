@@ -209,8 +209,10 @@ def test_a_run_prints_the_data_summary_first(tmp_path, capsys):
             "--no-progress", "--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "run")]
     assert run.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"data: {tmp_path / 'a.txt'} (1 files, 1 documents separated by token 0): 1,000 tokens"
-    assert out[1].endswith("1 steps x 2 batch x 1 accumulate = 0.03 epochs") and out[-1].startswith("done: 1 steps")
+    first = next(i for i, line in enumerate(out) if line.startswith("data: "))  # after where the run writes
+    assert out[first] == f"data: {tmp_path / 'a.txt'} (1 files, 1 documents separated by token 0): 1,000 tokens"
+    assert out[first + 1].endswith("1 steps x 2 batch x 1 accumulate = 0.03 epochs")
+    assert out[-1].startswith("done: 1 steps")
 
 
 def test_data_identity_follows_the_content_and_is_cheap_on_large_files(tmp_path):

@@ -175,6 +175,76 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_a_checkpoint(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in initial.items())
 
 
+class PoisonWeights:
+    """Engine listener: turn one weight to NaN at the end of step `step` (a diverged update)."""
+
+    def __init__(self, model, step, name="lm_head.weight"):
+        self.weight, self.step = dict(model.named_parameters())[name], step
+
+    def on_step_end(self, engine, report):
+        if engine.step == self.step:
+            with torch.no_grad():
+                self.weight[0, 0] = float("nan")
+
+
+def finite_checkpoints(root):
+    """Every checkpoint under `root`, read and verified; asserts none holds a NaN or Inf."""
+    steps = []
+    for folder in ckpt.list_checkpoints(root):
+        _, weights, tensors = ckpt.read_checkpoint(folder)
+        for t in [*weights.values(), *tensors.values()]:
+            assert not t.is_floating_point() or bool(torch.isfinite(t).all()), folder
+        steps.append(ckpt.step_of(folder))
+    return steps
+
+
+def test_the_nonfinite_stop_keeps_the_last_finite_checkpoint_and_resume_recovers(tmp_path):
+    trainer = Trainer(small_config(tmp_path, steps=20, accumulate=1, save_every=2, keep_checkpoints=2))
+    trainer.engine.max_nonfinite_in_row = 3
+    trainer.engine.listeners.append(PoisonWeights(trainer.model, step=5))  # weights NaN after step 5
+    with pytest.raises(RunStopped) as stopped:
+        trainer.run()
+    message = str(stopped.value)
+    assert stopped.value.exit_code == 3 and "\n" not in message
+    assert "not saved (weight lm_head.weight holds NaN or Inf values" in message
+    assert f"the last finite checkpoint is {tmp_path / 'checkpoints' / 'step-000004'}" in message
+    # steps 6-8 were skipped: their periodic save (step 6) must not rotate out step 4, and no save holds NaN
+    assert finite_checkpoints(tmp_path / "checkpoints") == [2, 4]
+    resumed = Trainer(small_config(tmp_path, steps=20, accumulate=1, save_every=2, resume="auto"))
+    assert resumed.engine.step == 4 and all(bool(torch.isfinite(p).all()) for p in resumed.model.parameters())
+
+
+def test_a_nonfinite_final_validation_loss_exits_nonzero_without_final_weights(tmp_path):
+    trainer = Trainer(small_config(tmp_path, steps=3, accumulate=1, save_every=2))
+    trainer.engine.listeners.append(PoisonWeights(trainer.model, step=3))  # after the last step
+    with pytest.raises(RunStopped, match=r"the final validation loss is nan: the model is not usable") as stopped:
+        trainer.run()
+    assert stopped.value.exit_code == 3
+    assert not (tmp_path / "final").exists() and not (tmp_path / "summary.json").exists()
+    assert "not saved (weight lm_head.weight holds NaN" in str(stopped.value)
+    assert finite_checkpoints(tmp_path / "checkpoints") == [2]
+
+
+def test_a_partial_step_is_reported_with_the_parameters_that_moved(tmp_path):
+    """accumulate 1, a NaN in an early layer's gradient: the parameters whose hooks fired before it
+    (lm_head, the final norm, later layers) are updated; the report and the metrics say which."""
+    trainer = Trainer(small_config(tmp_path, steps=3, accumulate=1))
+    armed = {"on": False}
+    dict(trainer.model.named_parameters())[EARLY_LAYER].register_hook(
+        lambda grad: grad * float("nan") if armed.pop("on", False) else grad)
+
+    class Arm:
+        def on_step_end(self, engine, report):
+            armed["on"] = engine.step == 1
+    trainer.engine.listeners.append(Arm())
+    summary = trainer.run()
+    skipped = trainer.history[1]
+    assert skipped["skipped"] and "lm_head.weight" in skipped["partial"] and "model.norm.weight" in skipped["partial"]
+    assert EARLY_LAYER not in skipped["partial"] and "model.embed_tokens.weight" not in skipped["partial"]
+    assert "partial" not in trainer.history[0] and "partial" not in trainer.history[2]
+    assert summary["partial_steps"] == 1 and summary["skipped_steps"] == 1
+
+
 # -- SVD that does not converge --------------------------------------------------------------------------
 def failing_svd(monkeypatch, failures):
     real, calls = torch.linalg.svd, []
@@ -264,9 +334,9 @@ def test_truncated_checkpoint(tmp_path, capsys):
 
 
 def test_checkpoint_of_another_method_or_model(tmp_path, capsys):
-    Trainer(cli_config(tmp_path, steps=1, accumulate=1, method="galore")).run()
+    Trainer(cli_config(tmp_path, method="galore")).run()
     assert_one_line_error(*cli(capsys, "--out", str(tmp_path), "--resume", "auto"),
-                          "another method (rules: checkpoint adamw+galore, this run adamw)")
+                          "--method: the checkpoint's run used 'galore', this run 'adamw'")
     assert_one_line_error(*cli(capsys, "--out", str(tmp_path), "--resume", "auto", "--method", "galore",
                                "--model", "byte-small"),
                           "another run: model hidden_size: checkpoint 128, this run 256")

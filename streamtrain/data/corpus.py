@@ -176,7 +176,7 @@ def data_identity(source: str = BUILTIN, tokenizer=None, max_bytes: int | None =
     """What a resume must share with the run it continues (JSON-serialisable): the source, the
     files it reads and a fingerprint of them, and what decides how they become tokens."""
     corpus = open_source(source)
-    files = source_files(corpus)
+    files = source_files(corpus, max_bytes)
     root = corpus.path if corpus.path.is_dir() else corpus.path.parent
     identity = {"source": source if source == BUILTIN else str(corpus.path.resolve()), "kind": corpus.kind,
                 "path": str(corpus.path.resolve()), "files": len(files),
@@ -192,13 +192,26 @@ def data_identity(source: str = BUILTIN, tokenizer=None, max_bytes: int | None =
     return identity
 
 
-def source_files(corpus: Corpus) -> list[Path]:
+def source_files(corpus: Corpus, max_bytes: int | None = None) -> list[Path]:
     if corpus.kind == "builtin":
-        return builtin_corpus_files()
+        return builtin_prefix(builtin_corpus_files(), max_bytes)
     if corpus.kind == "folder":
         return folder_files(corpus.path)[0]
     side = sidecar_path(corpus.path)
     return [corpus.path] + ([side] if corpus.kind == "bin" and side.is_file() else [])
+
+
+def builtin_prefix(files: list[Path], max_bytes: int | None) -> list[Path]:
+    """The files a read capped at `max_bytes` can reach (one more than their sizes need: sizes
+    count bytes, the cap counts decoded characters)."""
+    if not max_bytes:
+        return files
+    total = 0
+    for i, f in enumerate(files):
+        if total >= max_bytes:
+            return files[:i + 1]
+        total += f.stat().st_size
+    return files
 
 
 def fingerprint(files: list[Path], root: Path) -> str:

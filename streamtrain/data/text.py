@@ -6,6 +6,7 @@ other binaries (/usr/bin/ls) are not. Reading is strict: the first NUL or invali
 error naming the file and the byte offset (a silent replacement would train on mojibake).
 """
 import codecs
+import functools
 import sysconfig
 from pathlib import Path
 
@@ -64,10 +65,16 @@ def stdlib_path() -> Path:
 
 def builtin_corpus_files() -> list[Path]:
     """The standard library's .py files, sorted so every machine reads them in the same order."""
-    files = sorted(p for p in stdlib_path().rglob("*.py") if "site-packages" not in p.parts)
+    files = list(_stdlib_sources())
     if not files:
         raise DataError(f"no Python sources found under {stdlib_path()} for the built-in corpus; pass --data")
     return files
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_sources() -> tuple[Path, ...]:
+    # walking the stdlib takes ~0.3 s; every Trainer (and its data identity) asks for it
+    return tuple(sorted(p for p in stdlib_path().rglob("*.py") if "site-packages" not in p.parts))
 
 
 def folder_files(folder: Path) -> tuple[list[Path], list[str]]:

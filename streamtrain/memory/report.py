@@ -31,7 +31,8 @@ def dry_run(config) -> dict:
         plan["refused"] = str(refusal)
         plan["search"] = search_knobs(config, plan["target"], plan["budget"])
     report = build_report("dry run", config, plan)
-    paths = write_report(config.out, report)
+    from ..runfolder import default_out
+    paths = write_report(config.out or default_out(None), report)
     print("\n".join(verdict_lines(report) + [""] + breakdown_table(plan, report["budget"])
                     + ([""] + search_table(plan["search"]) if plan.get("search") else [])))
     best = (plan.get("search") or {}).get("best")

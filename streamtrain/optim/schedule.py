@@ -25,6 +25,24 @@ class CosineSchedule:
 
 
 @dataclass(frozen=True)
+class RescheduledCosine:
+    """`base` until step `start`; from there a cosine from base(start) down to `floor` at step
+    `total` (held after): a run whose length changed when it was resumed (--reschedule) continues
+    from the learning rate it had, without a jump."""
+    base: object
+    start: int
+    total: int
+    floor: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.start:
+            return self.base(step)
+        top = self.base(self.start)
+        progress = min(1.0, (step - self.start) / max(1, self.total - self.start))
+        return self.floor + (top - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
 class ConstantSchedule:
     lr: float
 
