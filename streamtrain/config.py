@@ -3,6 +3,7 @@ names the flag and the fix. The CLI builds its flags from these fields; library 
 dataclass directly."""
 import argparse
 import math
+from pathlib import Path
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .methods import METHODS
@@ -132,6 +133,8 @@ class TrainConfig:
         for name, allowed in (("method", METHODS), ("states", PRECISIONS), ("dtype", DTYPES), ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 fail(flag(name), f"unknown value {getattr(self, name)!r}", f"choose one of {', '.join(allowed)}")
+        if self.init_from is not None and not Path(self.init_from).exists():
+            fail("--init-from", f"{self.init_from} does not exist", "pass an HF model folder or a .safetensors file")
         if self.r_min < 1:
             fail("--r-min", f"must be >= 1, got {self.r_min}", "pass a positive rank")
         if self.save_every < 0:

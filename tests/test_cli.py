@@ -15,6 +15,7 @@ from streamtrain.run import main
     (["--warmup", "999"], "--warmup"),
     (["--data", "/no/such/path"], "data path"),
     (["--clip-per-tensor", "0"], "--clip-per-tensor"),
+    (["--init-from", "/nonexistent"], "--init-from: /nonexistent does not exist"),
 ])
 def test_bad_arguments_give_one_line_naming_the_flag(argv, flag, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path), "--no-progress"]) == 2
