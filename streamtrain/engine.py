@@ -124,7 +124,8 @@ class Engine:
         if self._step_bad or (self.skip_nonfinite and not is_finite(grad)):
             self._step_bad = True
             return
-        rule, state, ctx = self.rules[name], self.states[name], self.context
+        rule, state = self.rules[name], self.states[name]
+        ctx = self.contexts[id(rule)]
         self._touched.add(name)
         self._notify("on_hook", name, "before")
         with torch.no_grad():
@@ -143,6 +144,7 @@ class Engine:
         if self._handles is None:
             raise RuntimeError("call engine.attach() before engine.backward()")
         self.context = self._context()
+        self.contexts = self._rule_contexts()
         self._seen_this_backward = set()
         loss_value = loss.detach().float()
         if self.skip_nonfinite and not bool(torch.isfinite(loss_value)):
@@ -177,11 +179,12 @@ class Engine:
     def _update_without_last_grad(self, ctx) -> None:
         # a parameter that got gradients earlier in the step but none in the last micro-batch
         # still owes its update (its buffer must not leak into the next step)
+        contexts = self._rule_contexts(micro_index=self.accumulate - 1)
         for name in self._touched - self._seen_this_backward:
-            p = self.params[name]
+            p, rule = self.params[name], self.rules[name]
             with torch.no_grad():
-                self._grad_sq = self._grad_sq + self.rules[name].update(
-                    p, torch.zeros_like(p), self.states[name], ctx)
+                self._grad_sq = self._grad_sq + rule.update(p, torch.zeros_like(p), self.states[name],
+                                                            contexts[id(rule)])
 
     def _report(self, ctx) -> StepReport:
         skipped = self._step_bad
@@ -202,12 +205,19 @@ class Engine:
     def lr_at(self, step: int) -> float:
         return self.schedule(step)
 
-    def _context(self, micro_index=None) -> StepContext:
-        return StepContext(step=self.step, lr=self.lr_at(self.step),
-                           micro_index=self.micro_index if micro_index is None else micro_index,
-                           accumulate=self.accumulate, weight_decay=self.weight_decay,
+    def _context(self, micro_index=None, rule: Rule | None = None) -> StepContext:
+        """The micro-batch's context; with `rule`, at that rule's learning rate and decay."""
+        lr, decay = self.lr_at(self.step), self.weight_decay
+        if rule is not None:
+            lr, decay = lr * rule.lr_scale, decay if rule.weight_decay is None else rule.weight_decay
+        return StepContext(step=self.step, lr=lr, micro_index=self.micro_index if micro_index is None else micro_index,
+                           accumulate=self.accumulate, weight_decay=decay,
                            clip_per_tensor=self.clip_per_tensor, norm_growth=self.norm_growth,
                            stochastic_rounding=self.stochastic_rounding, buffer_device=self.buffer_device)
+
+    def _rule_contexts(self, micro_index=None) -> dict:
+        """One context per rule object (a parameter group), built once per micro-batch."""
+        return {id(rule): self._context(micro_index, rule) for rule in unique(self.rules.values())}
 
     def _new_step(self) -> None:
         self.micro_index = 0
@@ -218,6 +228,7 @@ class Engine:
         self._grad_sq = torch.zeros(())
         self._loss_sum = torch.zeros(())
         self.context = self._context()
+        self.contexts = self._rule_contexts()
 
     def _notify(self, event, *args) -> None:
         for listener in self.listeners:

@@ -33,6 +33,29 @@ def test_adamw_equals_torch_adamw_over_five_steps():
     assert max_relative_diff(model, tiny_model()) > 1e-3  # the weights did move
 
 
+def test_each_rule_object_is_a_parameter_group_with_its_own_lr_scale_and_decay():
+    """Two AdamW rule objects (matrices decayed at full LR; norms undecayed at half LR) equal
+    torch.optim.AdamW with the same two parameter groups."""
+    from streamtrain.rules import AdamW
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    matrices, others = AdamW(), AdamW()
+    others.lr_scale, others.weight_decay = 0.5, 0.0
+    rules = {n: (matrices if p.dim() == 2 else others) for n, p in model.named_parameters()}
+    engine = Engine(model, rules, lr=3e-3, weight_decay=0.1).attach()
+    groups = [{"params": [p for p in reference.parameters() if p.dim() == 2]},
+              {"params": [p for p in reference.parameters() if p.dim() != 2], "lr": 1.5e-3, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=3e-3, weight_decay=0.1)
+    for x, y in random_batches(5):
+        engine.backward(model(x, y))
+        reference(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert max_relative_diff(model, reference) < 1e-6
+    norms = [n for n, p in model.named_parameters() if p.dim() != 2]
+    assert norms and all(engine.contexts[id(others)].weight_decay == 0.0 for _ in norms)
+
+
 def test_hooks_free_every_gradient():
     model = tiny_model()
     Engine(model, assign_rules(model, "galore", rank=4), lr=1e-3).attach()

@@ -41,8 +41,14 @@ class Rule:
     accumulate(param, grad, state, ctx)   fold a non-final micro-batch gradient
     update(param, grad, state, ctx)    -> 0-d tensor: squared norm of the step gradient consumed
     end_step(engine)                      optional: work at the logical step boundary (merges)
+
+    Each rule object is a parameter group: `lr_scale` multiplies the engine's learning rate for
+    the parameters it governs, and `weight_decay` (None: the engine's) is their decay, so norms,
+    biases and embeddings can go undecayed under a rule object of their own.
     """
     name = "rule"
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
 
     def init_state(self, name: str, param: torch.Tensor) -> dict:
         raise NotImplementedError
