@@ -3,24 +3,38 @@
 One logical step, as data flows:
 
     for each of k micro-batches:
-        engine.backward(loss)            # (loss / k).backward()
+        loss.backward()                  # or engine.backward(loss): (loss / k).backward()
           autograd finishes p.grad  ->  hook(p):
+              the first hook of a backward queues end_backward on autograd's engine
               grad = p.grad; p.grad = None              # the full gradient is ours, then gone
               skip it if the step already saw a non-finite value
               micro-batch < k-1: rule.accumulate(p, grad, state)   # e.g. GaLore keeps P^T G only
                                                                    # (on the device, or in host RAM)
               micro-batch = k-1: rule.update(p, grad, state)       # the one update of the step
-    after the last micro-batch: finish_step()
-          every rule's end_step (ReLoRA merges), the clock advances, a StepReport is returned
+          end_backward (autograd runs it when the whole backward is done): the micro-batch counts;
+          after the k-th: finish_step()
+              every rule's end_step (ReLoRA merges), the clock advances, a StepReport is kept
+
+So a plain `loss.backward()` drives the engine (HF Trainer, accelerate and Lightning call
+nothing else; they scale the loss by 1/k themselves, as with torch.optim), and `engine.backward`
+is the convenience that scales, checks the loss and returns the report.
 
 The engine owns time: the learning rate, weight decay and the step counter are evaluated once per
-logical step and handed to every hook in a StepContext. Rules keep no clock of their own.
+backward and handed to every hook in a StepContext, one per rule object (a parameter group with
+its own lr_scale and weight_decay). Rules keep no clock of their own. With `as_optimizer()` the
+learning rate of each group comes from the torch.optim face's param_groups instead, where
+torch.optim.lr_scheduler (or HF's) schedulers set it.
+
+`state_dict()` / `load_state_dict()` hold everything a run needs to continue bit for bit, in
+memory and keyed by parameter name (checkpoint.py serialises it; HF Trainer torch.saves it).
 """
 import math
 from dataclasses import dataclass
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+from . import engine_state
 
 from .optim.schedule import ConstantSchedule
 from .rules.base import Rule, StepContext
@@ -71,6 +85,9 @@ class Engine:
         self.micro_index = 0    # micro-batch within the current logical step
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
+        self.last_report = None   # the StepReport of the last finished logical step
+        self.optimizer = None     # the torch.optim face, once as_optimizer() made it
+        self._backwards = 0       # backward passes seen (a micro-batch clock that never resets)
         self._handles = None
         self._new_step()
 
@@ -117,6 +134,8 @@ class Engine:
 
     def _on_grad(self, name: str, param: torch.Tensor) -> None:
         grad, param.grad = param.grad, None
+        if not self._in_backward:
+            self._begin_backward()
         if name in self._seen_this_backward:
             raise RuntimeError(f"gradient hook for {name} fired twice in one backward "
                                "(reentrant checkpointing or a reused graph?)")
@@ -137,25 +156,44 @@ class Engine:
         del grad
         self._notify("on_hook", name, "after")
 
-    # -- the step ------------------------------------------------------------------------------
-    def backward(self, loss: torch.Tensor) -> StepReport | None:
-        """Backward one micro-batch's mean loss (scaled by 1/accumulate here). Returns the
-        StepReport after the last micro-batch of a logical step, else None."""
-        if self._handles is None:
-            raise RuntimeError("call engine.attach() before engine.backward()")
+    def _begin_backward(self) -> None:
+        """The first hook of a backward pass: this micro-batch's contexts, and the callback that
+        autograd runs once the whole backward is done (what DDP and FSDP use to end theirs)."""
+        self._in_backward = True
+        self._seen_this_backward = set()
         self.context = self._context()
         self.contexts = self._rule_contexts()
-        self._seen_this_backward = set()
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _end_backward(self) -> None:
+        self._in_backward = False
+        self._count_micro_batch()
+
+    def _count_micro_batch(self) -> None:
+        self.micro_index += 1
+        self._backwards += 1
+        if self.micro_index == self.accumulate:
+            self.last_report = self.finish_step()
+
+    # -- the step ------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> StepReport | None:
+        """Backward one micro-batch's mean loss, scaled by 1/accumulate here (a plain
+        `loss.backward()` works too; then the caller scales). Returns the StepReport after the
+        last micro-batch of a logical step, else None."""
+        if self._handles is None:
+            raise RuntimeError("call engine.attach() before engine.backward()")
         loss_value = loss.detach().float()
+        self._loss_sum = self._loss_sum + loss_value
+        self._losses += 1
         if self.skip_nonfinite and not bool(torch.isfinite(loss_value)):
             self._step_bad = True
+        backwards, step = self._backwards, self.step
         if not self._step_bad:
             (loss / self.accumulate).backward()
-        self._loss_sum = self._loss_sum + loss_value
-        self.micro_index += 1
-        if self.micro_index < self.accumulate:
-            return None
-        return self.finish_step()
+        if self._backwards == backwards:  # no hook fired (a skipped or gradient-free micro-batch)
+            self._seen_this_backward = set()
+            self._count_micro_batch()
+        return self.last_report if self.step != step else None
 
     def finish_step(self) -> StepReport:
         """The logical step boundary: flush, end_step of every rule, advance the clock."""
@@ -176,6 +214,16 @@ class Engine:
                                  "gradient; lower the learning rate or enable clipping")
         return report
 
+    def finish_partial_step(self) -> StepReport | None:
+        """End the logical step after fewer than `accumulate` backwards (HF Trainer steps its
+        optimizer after the last, shorter accumulation of an epoch): every parameter with buffered
+        gradients is updated from what it has. None when no step is in flight."""
+        if self.micro_index == 0:
+            return None
+        self._seen_this_backward = set()  # none of the buffered parameters got its update yet
+        self.last_report = self.finish_step()
+        return self.last_report
+
     def _update_without_last_grad(self, ctx) -> None:
         # a parameter that got gradients earlier in the step but none in the last micro-batch
         # still owes its update (its buffer must not leak into the next step)
@@ -190,7 +238,8 @@ class Engine:
         skipped = self._step_bad
         self.nonfinite_total += skipped
         self.nonfinite_in_row = self.nonfinite_in_row + 1 if skipped else 0
-        loss = value_of(self._loss_sum) / self.accumulate
+        # the mean loss of the micro-batches engine.backward saw (NaN with plain loss.backward())
+        loss = value_of(self._loss_sum) / self._losses if self._losses else math.nan
         grad_norm = math.nan if skipped else math.sqrt(value_of(self._grad_sq))
         partial = self._changed_anyway(ctx.step) if skipped else ()
         return StepReport(ctx.step, loss, ctx.lr, grad_norm, skipped, self.nonfinite_total, partial)
@@ -205,11 +254,19 @@ class Engine:
     def lr_at(self, step: int) -> float:
         return self.schedule(step)
 
+    def _group_hyperparameters(self, rule: Rule) -> tuple[float, float]:
+        """(lr, weight decay) of a rule's parameters for the current step."""
+        if self.optimizer is not None:  # a torch.optim face: its param_groups are the source
+            group = self.optimizer.group_of(rule)
+            return group["lr"], group["weight_decay"]
+        decay = self.weight_decay if rule.weight_decay is None else rule.weight_decay
+        return self.lr_at(self.step) * rule.lr_scale, decay
+
     def _context(self, micro_index=None, rule: Rule | None = None) -> StepContext:
         """The micro-batch's context; with `rule`, at that rule's learning rate and decay."""
         lr, decay = self.lr_at(self.step), self.weight_decay
         if rule is not None:
-            lr, decay = lr * rule.lr_scale, decay if rule.weight_decay is None else rule.weight_decay
+            lr, decay = self._group_hyperparameters(rule)
         return StepContext(step=self.step, lr=lr, micro_index=self.micro_index if micro_index is None else micro_index,
                            accumulate=self.accumulate, weight_decay=decay,
                            clip_per_tensor=self.clip_per_tensor, norm_growth=self.norm_growth,
@@ -227,6 +284,8 @@ class Engine:
         self._seen_this_backward = set()
         self._grad_sq = torch.zeros(())
         self._loss_sum = torch.zeros(())
+        self._losses = 0
+        self._in_backward = False
         self.context = self._context()
         self.contexts = self._rule_contexts()
 
@@ -236,9 +295,62 @@ class Engine:
             if fn is not None:
                 fn(self, *args)
 
+    # -- state and faces ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything this engine needs to continue bit for bit, in memory, keyed by parameter
+        name: the clock, every rule's per-parameter state (tensors and storages by reference,
+        python scalars), each rule's config, parameters and rule-level extra state. The model's
+        weights are not in it (they are the model's: model.state_dict())."""
+        if self.micro_index != 0:
+            raise RuntimeError("the engine's state is taken at a step boundary, not in the middle of step "
+                               f"{self.step} (micro-batch {self.micro_index} is in flight)")
+        return {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
+                "rules": [{"config": rule.config(), "parameters": names,
+                           "extra": rule.state_extra(self) if hasattr(rule, "state_extra") else None}
+                          for rule, names in self.rule_groups()],
+                "states": {name: {key: engine_state.export(value) for key, value in state.items()}
+                           for name, state in self.states.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output: clock, rule-level state, the structure rules
+        derive from the clock (ReLoRA's adapters), then every parameter's state, copied in place.
+        Refuses (ValueError, one line) another method, rule setting or parameter set."""
+        if self.micro_index != 0:
+            raise RuntimeError("load the engine's state at a step boundary, not in the middle of a step")
+        engine_state.check_rules(state["rules"], self.rule_groups())
+        self.step, self.nonfinite_total, self.nonfinite_in_row = (
+            state["step"], state["nonfinite_total"], state["nonfinite_in_row"])
+        self._new_step()  # the per-step context is a function of the clock: rebuild it
+        for (rule, _), saved in zip(self.rule_groups(), engine_state.in_order(state["rules"], self.rule_groups())):
+            if hasattr(rule, "load_state_extra"):
+                rule.load_state_extra(self, saved["extra"])
+            if hasattr(rule, "sync"):
+                rule.sync(self)
+        engine_state.check_parameters(state, self.rule_groups(), set(self.states))
+        for name, entries in state["states"].items():
+            engine_state.load_into(name, self.states[name], entries)
+
+    def as_optimizer(self) -> "torch.optim.Optimizer":
+        """A torch.optim.Optimizer face for loops that call optimizer.step()/zero_grad() and drive
+        the LR through param_groups (HF Trainer, accelerate, Lightning): step() and zero_grad()
+        are no-ops (the updates happen in backward), param_groups hold one group per rule object
+        whose 'lr' and 'weight_decay' the hooks read from then on, and state_dict() round-trips
+        the engine."""
+        from .optimizer import EngineOptimizer
+        if self.optimizer is None:
+            self.optimizer = EngineOptimizer(self)
+        return self.optimizer
+
     # -- inspection ----------------------------------------------------------------------------
     def rule_names(self) -> dict[str, str]:
         return {n: r.name for n, r in self.rules.items()}
+
+    def rule_groups(self) -> list[tuple]:
+        """[(rule, [parameter names it governs])] in first-seen order, one entry per rule object."""
+        grouped = {}
+        for name, rule in self.rules.items():
+            grouped.setdefault(id(rule), (rule, []))[1].append(name)
+        return list(grouped.values())
 
 
 def value_of(t: torch.Tensor) -> float:
