@@ -227,3 +227,73 @@ def test_norm_growth_limiter_caps_the_update_norm_ratio():
         engine.backward(model(x, y))
         norms.append(engine.states["lm_head.weight"]["prev_update_norm"].item())
     assert all(b <= 1.01 * a * (1 + 1e-6) for a, b in zip(norms, norms[1:]))
+
+
+# -- plain backward, state_dict, the torch.optim face ------------------------------------------------
+def test_plain_backward_drives_the_engine_like_engine_backward_bit_for_bit():
+    batches = random_batches(6)
+    model_a, model_b = tiny_model(), tiny_model()
+    engine_a = Engine(model_a, assign_rules(model_a, "galore", rank=4, gap=2), lr=3e-3, accumulate=2).attach()
+    engine_b = Engine(model_b, assign_rules(model_b, "galore", rank=4, gap=2), lr=3e-3, accumulate=2).attach()
+    for i, (x, y) in enumerate(batches):
+        engine_a.backward(model_a(x, y))
+        (model_b(x, y) / 2).backward()          # what torch.optim loops and HF Trainer do
+        assert engine_b.step == (i + 1) // 2     # the clock follows plain backwards
+    assert engine_b.step == 3 and engine_b.micro_index == 0
+    assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
+    assert engine_b.last_report.step == 2 and engine_b.last_report.grad_norm > 0
+
+
+def test_a_new_engine_loaded_from_state_dict_continues_bit_identically():
+    import io
+    batches = random_batches(5)
+    model = tiny_model()
+    engine = Engine(model, assign_rules(model, "galore", rank=4, gap=2, states="8bit"), lr=3e-3).attach()
+    for x, y in batches[:3]:
+        engine.backward(model(x, y))
+    saved_weights = copy.deepcopy(model.state_dict())
+    buffer = io.BytesIO()
+    torch.save(engine.state_dict(), buffer)  # what HF Trainer does with an optimizer's state
+    for x, y in batches[3:]:
+        engine.backward(model(x, y))
+    fresh = tiny_model(seed=7)
+    fresh.load_state_dict(saved_weights)
+    resumed = Engine(fresh, assign_rules(fresh, "galore", rank=4, gap=2, states="8bit"), lr=3e-3).attach()
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.step == 3
+    for x, y in batches[3:]:
+        resumed.backward(fresh(x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    other = tiny_model()
+    with pytest.raises(ValueError, match="another method"):
+        Engine(other, assign_rules(other, "adamw"), lr=3e-3).attach().load_state_dict(engine.state_dict())
+
+
+def test_the_optimizer_face_lets_a_torch_scheduler_drive_the_learning_rate():
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    engine = Engine(model, assign_rules(model, "adamw"), lr=3e-3, weight_decay=0.1).attach()
+    face = engine.as_optimizer()
+    assert isinstance(face, torch.optim.Optimizer) and face is engine.as_optimizer()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(face, lambda step: 0.5 ** step)
+    groups = [{"params": [p for n, p in reference.named_parameters() if engine.rules[n] is rule]}
+              for rule, _ in engine.rule_groups()]
+    for group, face_group in zip(groups, face.param_groups):
+        group["weight_decay"] = face_group["weight_decay"]
+    opt = torch.optim.AdamW(groups, lr=3e-3)
+    ref_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for x, y in random_batches(4):
+        model(x, y).backward()
+        face.step()
+        face.zero_grad()
+        scheduler.step()
+        reference(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        ref_scheduler.step()
+    assert face.param_groups[0]["lr"] == pytest.approx(3e-3 / 16)
+    assert engine.contexts[id(engine.rule_groups()[0][0])].lr == pytest.approx(3e-3 / 8)  # the last step's
+    assert max_relative_diff(model, reference) < 1e-6
+    state = face.state_dict()
+    assert state["engine"]["step"] == 4 and [g["lr"] for g in state["param_groups"]] == [g["lr"] for g in face.param_groups]
