@@ -306,7 +306,7 @@ class Engine:
                                f"{self.step} (micro-batch {self.micro_index} is in flight)")
         return {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
                 "rules": [{"config": rule.config(), "parameters": names,
-                           "extra": rule.state_extra(self) if hasattr(rule, "state_extra") else None}
+                           "extra": rule.state_extra(self)}
                           for rule, names in self.rule_groups()],
                 "states": {name: {key: engine_state.export(value) for key, value in state.items()}
                            for name, state in self.states.items()}}
@@ -322,10 +322,8 @@ class Engine:
             state["step"], state["nonfinite_total"], state["nonfinite_in_row"])
         self._new_step()  # the per-step context is a function of the clock: rebuild it
         for (rule, _), saved in zip(self.rule_groups(), engine_state.in_order(state["rules"], self.rule_groups())):
-            if hasattr(rule, "load_state_extra"):
-                rule.load_state_extra(self, saved["extra"])
-            if hasattr(rule, "sync"):
-                rule.sync(self)
+            rule.load_state_extra(self, saved["extra"])
+            rule.sync(self)
         engine_state.check_parameters(state, self.rule_groups(), set(self.states))
         for name, entries in state["states"].items():
             engine_state.load_into(name, self.states[name], entries)

@@ -56,8 +56,7 @@ def sync_structure(engine: Engine) -> None:
     """Let rules that change the model's structure (ReLoRA's wrap) match the engine's clock:
     at the start (a zero-step warm start) and after a resume (before weights are loaded)."""
     for rule in unique(engine.rules.values()):
-        if hasattr(rule, "sync"):
-            rule.sync(engine)
+        rule.sync(engine)
 
 
 def build_schedule(config: TrainConfig, history: dict | None = None):

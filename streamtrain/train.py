@@ -193,8 +193,7 @@ class Trainer:
         """Adaptive-rank rules: the mean rank every step, every matrix's rank when any changed."""
         ranks = {}
         for rule in unique(self.engine.rules.values()):
-            if hasattr(rule, "ranks"):
-                ranks.update(rule.ranks(self.engine))
+            ranks.update(rule.ranks(self.engine))
         if not ranks:
             return {}
         record = {"mean_rank": sum(ranks.values()) / len(ranks)}

@@ -35,12 +35,12 @@ class StepContext:
 
 
 class Rule:
-    """Interface of an update rule (subclass or duck-type).
+    """Interface of an update rule (subclass it).
 
     init_state(name, param)            -> dict of state (tensors, storages, python scalars)
     accumulate(param, grad, state, ctx)   fold a non-final micro-batch gradient
     update(param, grad, state, ctx)    -> 0-d tensor: squared norm of the step gradient consumed
-    end_step(engine)                      optional: work at the logical step boundary (merges)
+    end_step, sync, state_extra, load_state_extra, ranks: optional hooks, no-ops by default
 
     Each rule object is a parameter group: `lr_scale` multiplies the engine's learning rate for
     the parameters it governs, and `weight_decay` (None: the engine's) is their decay, so norms,
@@ -60,7 +60,22 @@ class Rule:
         raise NotImplementedError
 
     def end_step(self, engine) -> None:
-        pass
+        """Work at the logical step boundary, after every hook (ReLoRA merges)."""
+
+    def sync(self, engine) -> None:
+        """Bring the model's structure in line with the engine's clock (ReLoRA wraps its matrices
+        once past its warm start): at the start, and on load before weights and states go in."""
+
+    def state_extra(self, engine):
+        """Rule-level state beyond the per-parameter dicts (JSON-serialisable), for state_dict."""
+        return None
+
+    def load_state_extra(self, engine, extra) -> None:
+        """Restore state_extra's output; called after the clock is restored, before sync."""
+
+    def ranks(self, engine) -> dict[str, int]:
+        """{parameter name: active rank} for rules whose rank changes (AdaRankGrad), else {}."""
+        return {}
 
     def config(self) -> dict:
         """Hyperparameters, saved with checkpoints so a resume can refuse a different method."""
