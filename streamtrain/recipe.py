@@ -41,7 +41,8 @@ def build_run_model(config: TrainConfig, device, model_config=None):
 def build_rules(model, config: TrainConfig) -> dict:
     return assign_rules(model, config.method, rank=config.rank, gap=config.galore_gap,
                         scale=config.galore_scale, states=config.states,
-                        relora=config.relora_options(), adarank=config.adarank_options())
+                        relora=config.relora_options(), adarank=config.adarank_options(),
+                        galore=config.galore_options())
 
 
 def prepare_model(model, config: TrainConfig) -> None:

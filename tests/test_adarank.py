@@ -242,7 +242,7 @@ def test_at_full_rank_and_fixed_schedule_it_equals_galore():
     reference = copy.deepcopy(model)
     fixed = AdaRankGrad(eta=1.0, r_min=8, r_max=8, svd="exact", converge_threshold=0.0,
                         max_interval=100, refresh_share=1.0)
-    engines = [Engine(m, assign_rules(m, "galore", rank=8, gap=100), lr=1e-2, accumulate=2).attach()
+    engines = [Engine(m, assign_rules(m, "galore", rank=8, gap=100, galore=dict(svd="exact")), lr=1e-2, accumulate=2).attach()
                for m in (model, reference)]
     engines[0].rules.update({n: fixed for n, r in engines[0].rules.items() if isinstance(r, GaLore)})
     engines[0].states = {}

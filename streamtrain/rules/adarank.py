@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import is_fake
 from ..optim.projector import (SVD_METHODS, basis_and_spectrum, basis_rotation, energy_rank,
                                low_rank_view, transfer_moments)
 from ..optim.state import working
-from .galore import GaLore, active_basis
+from .galore import GaLore, active_basis, sketch_seed
 
 
 class AdaRankGrad(GaLore):
@@ -57,21 +57,18 @@ class AdaRankGrad(GaLore):
             raise ValueError(f"converge_threshold must be >= 0 (0 disables it), got {converge_threshold}")
         if not 0.0 < refresh_share <= 1.0:
             raise ValueError(f"refresh_share must be in (0, 1], got {refresh_share}")
-        super().__init__(rank=r_max, gap=max_interval, scale=scale, betas=betas, eps=eps, states=states)
-        self.eta, self.r_min, self.r_max, self.svd = eta, r_min, r_max, svd
-        self.oversample, self.power_iters, self.seed = oversample, power_iters, seed
-        self.converge_threshold, self.max_interval, self.refresh_share = (
-            converge_threshold, max_interval, refresh_share)
-        self.matrices = 0          # init_state calls: the base of the per-step refresh cap
-        self.queue = RefreshQueue()
+        super().__init__(rank=r_max, gap=max_interval, scale=scale, betas=betas, eps=eps, states=states, svd=svd,
+                         refresh_share=refresh_share, seed=seed, oversample=oversample, power_iters=power_iters)
+        self.eta, self.r_min, self.r_max = eta, r_min, r_max
+        self.converge_threshold, self.max_interval = converge_threshold, max_interval
+        self.queue = RefreshQueue()  # (self.matrices, counted by GaLore.init_state, is the cap's base)
 
     # -- state ---------------------------------------------------------------------------------
     def init_state(self, name, param):
-        state = super().init_state(name, param)  # moments and basis at capacity min(r_max, m, n)
-        state.update(capacity=state["rank"], index=self.matrices, converged=False,
+        state = super().init_state(name, param)  # moments and basis at capacity min(r_max, m, n), its index
+        state.update(capacity=state["rank"], converged=False,
                      refresh_norm=torch.zeros((), device=param.device),  # ||projected grad|| at refresh
                      last_norm=torch.zeros((), device=param.device))     # ... at the latest step
-        self.matrices += 1
         return state
 
     # -- refresh policy ------------------------------------------------------------------------
@@ -103,7 +100,7 @@ class AdaRankGrad(GaLore):
         fake = is_fake(grad)
         generator = None
         if self.svd == "randomized" and not fake:
-            generator = torch.Generator(device=grad.device).manual_seed(self.sketch_seed(state))
+            generator = torch.Generator(device=grad.device).manual_seed(sketch_seed(self.seed, state))
         basis, singular = basis_and_spectrum(grad, capacity, side, self.svd, self.oversample,
                                              self.power_iters, generator)
         rank = capacity
@@ -114,10 +111,6 @@ class AdaRankGrad(GaLore):
         state["refresh_step"] = ctx.step
         state["refreshes"] += 1
         state["converged"] = False
-
-    def sketch_seed(self, state) -> int:
-        # a function of (seed, matrix, refresh count): reproducible and resumable without RNG state
-        return ((self.seed * 1_000_003 + state["index"]) * 1_000_003 + state["refreshes"]) % 2**63
 
     def install_basis(self, state, basis: torch.Tensor, rank: int) -> None:
         """Make the first `rank` columns of `basis` the active subspace, carrying Adam's moments
