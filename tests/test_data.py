@@ -239,3 +239,12 @@ def test_tokenizer_identity_is_the_kind_and_the_exact_file(tmp_path):
     path = word_tokenizer(tmp_path / "tok.json")
     digest = hashlib.blake2b(open(path, "rb").read(), digest_size=16).hexdigest()
     assert tokenizer_identity(make_tokenizer(path)) == {"kind": "tokenizers", "vocab_size": 4, "blake2b": digest}
+
+
+def test_ranks_shard_the_global_batch_in_order():
+    dataset = TokenDataset(np.arange(20_000) % 256, 16, seed=0)
+    for position in (0, 7, 300):  # 300: past the first epoch
+        whole_x, whole_y = dataset.train_batch(position, 6)
+        parts = [dataset.train_batch(position, 3, rank=r, world_size=2) for r in range(2)]
+        assert torch.equal(torch.cat([x for x, _ in parts]), whole_x)
+        assert torch.equal(torch.cat([y for _, y in parts]), whole_y)

@@ -40,10 +40,12 @@ class TokenDataset:
         data = torch.from_numpy(np.stack([self._window(w) for w in windows]))
         return data[:, :-1], data[:, 1:]
 
-    def train_batch(self, position: int, batch_size: int):
-        """The `position`-th training batch (0-based); epochs reshuffle with seed + epoch."""
+    def train_batch(self, position: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        """The `position`-th training batch (0-based); epochs reshuffle with seed + epoch. With
+        `world_size` ranks, rank r gets rows [r B, (r+1) B) of the global batch of world_size * B
+        windows, so N ranks with batch B see exactly what one process sees with batch N B."""
         n = len(self.train_windows)
-        first = position * batch_size
+        first = (position * world_size + rank) * batch_size
         windows = []
         for i in range(first, first + batch_size):
             epoch, offset = divmod(i, n)
