@@ -67,13 +67,12 @@ def config_from_hf(path) -> LlamaConfig:
     if cfg.get("sliding_window") is not None and cfg["sliding_window"] < max_positions:
         refuse("sliding_window", " (attention over the whole sequence only)")
     theta, scaling = rope_settings(path, cfg)
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim")
-    if head_dim == cfg["hidden_size"] // heads:
-        head_dim = None  # the derived value: keep the preset form
+    heads, kv_heads, head_dim = cfg["num_attention_heads"], cfg.get("num_key_value_heads"), cfg.get("head_dim")
+    kv_heads = None if kv_heads == heads else kv_heads  # derived values keep the preset form
+    head_dim = None if head_dim == cfg["hidden_size"] // heads else head_dim
     try:
         return LlamaConfig(cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
-                           heads, cfg.get("num_key_value_heads"), max_positions, cfg.get("rms_norm_eps", 1e-6),
+                           heads, kv_heads, max_positions, cfg.get("rms_norm_eps", 1e-6),
                            theta, head_dim, bool(cfg.get("tie_word_embeddings", False)), scaling).validate()
     except KeyError as e:
         raise ModelConfigError(f"{path}: config.json lacks {e.args[0]!r}") from None
