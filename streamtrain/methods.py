@@ -106,7 +106,8 @@ def rule_summary(model: nn.Module, rules: dict) -> list[dict]:
         row["tensors"] += 1
         row["matrices"] += params[name].dim() == 2
         row["parameters"] += params[name].numel()
-    return [{**row, "share": round(row["parameters"] / total, 4)} for row in rows.values()]
+    ordered = sorted(rows.values(), key=lambda row: -row["parameters"])
+    return [{**row, "share": round(row["parameters"] / total, 4)} for row in ordered]
 
 
 def rule_label(rule) -> str:

@@ -79,7 +79,8 @@ def describe_model(config: TrainConfig, model) -> str:
         source = f"weights from {config.model} (fine-tuning)"
     else:
         source = "random init (pretraining)"
-    return f"model: {config.model} ({kind}, {count / 1e6:.1f}M parameters), {source}"
+    size = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count:,}"
+    return f"model: {config.model} ({kind}, {size} parameters), {source}"
 
 
 def tokenizer_path(config: TrainConfig) -> str | None:
