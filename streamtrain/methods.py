@@ -40,6 +40,7 @@ def low_rank_names(model: nn.Module, targets=None) -> list[str]:
     weights of the linear layers inside the blocks, or of those `targets` names. A weight shared
     with an embedding (tied) stays full-rank."""
     layers = dict(linear_layers(model))
+    targets = None if targets in ("all-linear", ["all-linear"]) else targets
     paths = block_linear_paths(model) if targets is None else match_paths(
         list(layers), targets, "nn.Linear or Conv1D layer (--low-rank-targets)")
     chosen = {id(layers[p].weight) for p in paths} - embedding_weights(model)

@@ -212,3 +212,25 @@ def test_logit_transforms_after_the_head_are_refused(tmp_path):
     config.save_pretrained(str(tmp_path))
     with pytest.raises(ModelConfigError, match="final_logit_softcapping"):
         load_auto_config(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["adamw", "galore", "adarankgrad", "lora", "relora"])
+def test_every_method_trains_gpt2_in_bf16_with_8bit_states_and_accumulation(method):
+    """GPT-2 is the awkward case: Conv1D layers (transposed weights), a tied head, fused q/k/v."""
+    from streamtrain.config import TrainConfig
+    from streamtrain.recipe import build_engine, prepare_model, sync_structure
+    config = TrainConfig(method=method, rank=4, galore_gap=1, states="8bit", dtype="bfloat16", accumulate=2,
+                         lr=1e-2, steps=4, relora_warm_start=1, relora_cycle=1, r_min=2)
+    model = HFCausalLM(hf_model("gpt2").to(torch.bfloat16))
+    prepare_model(model, config)
+    engine = build_engine(model, config)
+    engine.attach()
+    sync_structure(engine)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for x, y in batches(6):
+        report = engine.backward(model(x, y))
+    assert report.step == 2 and not report.skipped and report.loss == report.loss
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert any("c_attn" in n for n in moved) and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    if method in ("lora", "relora"):
+        assert sum(n.endswith("lora_A") for n, _ in model.named_parameters()) == 8

@@ -133,3 +133,24 @@ def test_a_7b_shaped_hf_llama_config_plans_on_fake_tensors(tmp_path):
     weights = next(c["bytes"] for c in plan["categories"] if c["label"] == "weights")
     assert weights == 2 * 6_738_415_616 + 512  # every parameter in bf16, plus two fp32 rotary tables
     assert plan["fits"] and 20e9 < plan["total"] < 23e9  # streamtrain's own llama-7b plans 21.60 GB
+
+
+def test_the_tokenizer_follows_the_model_folder_and_must_fit_its_vocabulary(tmp_path):
+    from streamtrain.hf import save_tokenizer_files
+    from streamtrain.models.hf_config import load_auto_config
+    from streamtrain.recipe import build_tokenizer
+    folder = save_folder(tmp_path / "qwen2", "qwen2")
+    tokenizer = build_tokenizer(run_config(tmp_path, folder), load_auto_config(folder))
+    assert tokenizer.vocab_size == 257 and tokenizer.eos_id == 256  # the folder's tokenizer.json
+    small = load_auto_config(folder, {"vocab_size": 200})
+    with pytest.raises(ValueError, match="257 tokens but .*vocabulary only 200"):
+        build_tokenizer(run_config(tmp_path, folder), small)
+    (folder / "tokenizer.json").unlink()  # weights without a tokenizer: the run cannot guess it
+    with pytest.raises(ValueError, match="has weights but no tokenizer.json; pass .* --tokenizer"):
+        build_tokenizer(run_config(tmp_path, folder), load_auto_config(folder))
+    # a --tokenizer file is exported as the final folder's tokenizer.json
+    save_folder(tmp_path / "donor", "gpt2", weights=False)
+    (tmp_path / "final").mkdir()
+    save_tokenizer_files(tmp_path / "final", str(tmp_path / "donor" / "tokenizer.json"), str(folder))
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "final"), local_files_only=True)
+    assert loaded.decode(loaded.encode("ok ✓", add_special_tokens=False)) == "ok ✓"
