@@ -63,9 +63,9 @@ class Trainer:
         print(describe_model(config, self.model), flush=True)
         prepare_model(self.model, config)
         self.engine = build_engine(self.model, config, self.schedule_history).attach()
-        self.rule_summary, line = rules_line(self.engine)
-        print(line, flush=True)
         sync_structure(self.engine)
+        self.rule_summary, line = rules_line(self.engine)  # which rule governs what share of the model
+        print(line, flush=True)
         self.position = 0        # training micro-batches consumed (the data position)
         self.history = []
         self.stop_signal = None  # set by SIGINT/SIGTERM (or request_stop): checkpoint, then stop
