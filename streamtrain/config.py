@@ -41,7 +41,9 @@ def opt(default, help, choices=None, **extra):
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = opt(DEFAULT_PRESET, "model preset name ('list' prints them)")
+    model: str = opt(DEFAULT_PRESET, "model preset name ('list' prints them), or a local Hugging Face model folder "
+                                     "(its config.json; weights loaded when present, else random init; needs the "
+                                     "[hf] extra)")
     model_overrides: dict = opt({}, "preset field overrides (library only), e.g. {'num_hidden_layers': 2}", cli=False)
     init_from: str | None = opt(None, "HF-format folder or .safetensors file to start from")
     data: str = opt("builtin", "text file, folder, .jsonl, token .bin, or 'builtin' (Python stdlib sources)")
@@ -57,6 +59,9 @@ class TrainConfig:
     accumulate: int = opt(1, "micro-batches per logical step (gradient accumulation)")
     # the update
     method: str = opt("adamw", "update rule for attention/MLP matrices", choices=METHODS)
+    low_rank_targets: str | None = opt(None, "comma-separated module names or regexes of the linear layers the "
+                                             "low-rank method governs (default: every linear layer inside the "
+                                             "transformer blocks)")
     lr: float = opt(2e-3, "peak learning rate")
     warmup: int = opt(-1, "linear warmup steps (-1: 10%% of --steps)")
     min_lr_ratio: float = opt(0.1, "cosine floor as a fraction of --lr")
@@ -123,8 +128,11 @@ class TrainConfig:
                                   "--steps is refused)")
 
     def validate(self) -> "TrainConfig":
-        if self.model not in PRESETS:
-            fail("--model", f"unknown preset {self.model!r}", f"choose one of {', '.join(PRESETS)} (or 'list')")
+        if self.model not in PRESETS and not Path(self.model, "config.json").is_file():
+            problem = (f"{self.model} has no config.json" if Path(self.model).is_dir() else
+                       f"{self.model!r} is neither a preset nor a model folder")
+            fail("--model", problem, f"choose a preset ({', '.join(PRESETS)}; 'list' shows them) or a local "
+                 "Hugging Face model folder")
         for name in ("steps", "batch_size", "accumulate", "rank", "galore_gap", "eval_batches"):
             if getattr(self, name) < 1:
                 fail(flag(name), f"must be >= 1, got {getattr(self, name)}", "pass a positive integer")

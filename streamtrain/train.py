@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,16 +17,18 @@ from tqdm import tqdm
 from .atomic import atomic_folder, tensor_bytes
 from .checkpoint import NonFiniteCheckpoint, latest_checkpoint, locate_intact, restore, save_checkpoint, step_of
 from .config import TrainConfig
-from .data import TokenDataset, data_identity, data_summary, load_corpus, make_tokenizer, tokenizer_identity
+from .data import TokenDataset, data_identity, data_summary, load_corpus, tokenizer_identity
 from .engine import NonFiniteError, unique
-from .hf import load_hf_weights, save_hf
+from .hf import copy_generation_config, is_model_folder, save_hf, save_tokenizer_files, unique_tensors
 from .memory.planner import check_offload, plan_before_training
 from .memory.profiler import BudgetExceeded, RunProfiler
 from .memory.report import build_report, dry_run, write_report
 from .memory.units import parse_bytes
+from .models.hf_config import architecture_identity
 from .models.llama import perplexity
-from .models.lora import has_lora, merged_state_dict, save_peft_adapter
-from .recipe import build_engine, build_run_model, model_config_of, prepare_model, resolve_device, sync_structure
+from .models.lora import base_state_dict, has_lora, merged_state_dict, save_peft_adapter
+from .recipe import (build_engine, build_run_model, build_tokenizer, describe_model, model_config_of, prepare_model,
+                     resolve_device, rules_line, sync_structure, tokenizer_path)
 from .resume import adopt_derived, check_same_run, resolved, schedule_changes
 from .runfolder import RunLock, check_run_folder, clear_run, default_out
 
@@ -47,14 +48,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         check_offload(config, self.device.type)
         torch.manual_seed(config.seed)
-        self.model_config = model_config_of(config)
-        if config.seq_len > self.model_config.max_position_embeddings:
-            raise ValueError(f"--seq-len {config.seq_len} exceeds {config.model}'s maximum "
-                             f"{self.model_config.max_position_embeddings}; lower --seq-len")
-        self.tokenizer = make_tokenizer(config.tokenizer)
-        if self.tokenizer.vocab_size > self.model_config.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but {config.model} "
-                             f"only {self.model_config.vocab_size}; pick a preset with a larger vocab")
+        self.model_config = model_config_of(config)  # a preset, or a model folder's config.json
+        self.tokenizer = build_tokenizer(config, self.model_config)  # --tokenizer, the folder's, or bytes
         self.plan = plan_before_training(config)  # with --budget: refuses before anything real is allocated
         corpus = load_corpus(config.data, self.tokenizer, config.max_data_bytes or None, config.text_field,
                              token_dtype=config.token_dtype, vocab_size=self.model_config.vocab_size)
@@ -64,12 +59,13 @@ class Trainer:
                                                     config.text_field, config.token_dtype),
                               "tokenizer": tokenizer_identity(self.tokenizer)}
         self.schedule_history = self._schedule_history()
-        self.model = build_run_model(config, self.device, self.model_config)
-        if config.init_from:
-            load_hf_weights(self.model, config.init_from)
+        self.model = build_run_model(config, self.device, self.model_config, weights=True)
+        print(describe_model(config, self.model), flush=True)
         prepare_model(self.model, config)
         self.engine = build_engine(self.model, config, self.schedule_history).attach()
         sync_structure(self.engine)
+        self.rule_summary, line = rules_line(self.engine)  # which rule governs what share of the model
+        print(line, flush=True)
         self.position = 0        # training micro-batches consumed (the data position)
         self.history = []
         self.stop_signal = None  # set by SIGINT/SIGTERM (or request_stop): checkpoint, then stop
@@ -217,7 +213,7 @@ class Trainer:
     # -- checkpoints and faults -----------------------------------------------------------------
     def identity(self) -> dict:
         """What a checkpoint must share with this run to be resumed (the rules are checked too)."""
-        return {"model": asdict(self.model_config), "dtype": self.config.dtype}
+        return {"model": architecture_identity(self.model_config), "dtype": self.config.dtype}
 
     def save_checkpoint(self) -> Path:
         initial = getattr(self, "initial_val_loss", None)
@@ -285,21 +281,26 @@ class Trainer:
                                  f"finite checkpoint is {latest_checkpoint(self.out) or 'none'}", exit_code=3) from None
         self.engine.detach()
         final = self.out / "final"
-        # HF weights (with LoRA adapters merged in), replacing an older final/ only once written whole
-        weights = merged_state_dict(self.model) if has_lora(self.model) else dict(self.model.named_parameters())
+        # an HF folder (weights with LoRA adapters merged in, config.json, tokenizer) that transformers
+        # loads, replacing an older final/ only once written whole
+        weights = merged_state_dict(self.model) if has_lora(self.model) else base_state_dict(self.model)
         fix = "free some space, then finish with --resume auto (the last step's checkpoint is saved)"
-        with atomic_folder(final, tensor_bytes(weights.values()), "the final weights", fix) as tmp:
+        folder = self.config.model if is_model_folder(self.config.model) else None
+        with atomic_folder(final, tensor_bytes(unique_tensors(weights).values()), "the final weights", fix) as tmp:
             save_hf(weights, self.model_config, tmp)
+            copy_generation_config(folder, tmp)
+            save_tokenizer_files(tmp, tokenizer_path(self.config), folder)
         if self.config.method == "lora":  # LoRA also exports its adapters for peft
             adapter_bytes = tensor_bytes(p for p in self.model.parameters() if p.requires_grad)
             with atomic_folder(self.out / "adapter", adapter_bytes, "the LoRA adapter", fix) as tmp:
-                save_peft_adapter(self.model, tmp, self.config.init_from)
+                save_peft_adapter(self.model, tmp, self.config.init_from or folder)
         summary = {"steps": self.engine.step, "final_loss": self.history[-1]["loss"] if self.history else None,
                    "val_loss": val_history[-1] if val_history else None,
                    "initial_val_loss": getattr(self, "initial_val_loss", None),
                    "val_perplexity": perplexity(val_history[-1]) if val_history else None,
                    "skipped_steps": self.engine.nonfinite_total,
-                   "partial_steps": sum(1 for r in self.history if r.get("partial")), "weights": str(final)}
+                   "partial_steps": sum(1 for r in self.history if r.get("partial")), "weights": str(final),
+                   "rules": self.rule_summary}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.write_memory_report()
         return summary

@@ -19,17 +19,25 @@ def max_relative_diff(model_a, model_b):
 
 
 def test_adamw_equals_torch_adamw_over_five_steps():
+    """assign_rules leaves norms, biases and embeddings undecayed: torch's reference has the same
+    two parameter groups."""
     model = tiny_model()
     reference = copy.deepcopy(model)
     engine = Engine(model, assign_rules(model, "adamw", betas=(0.9, 0.95), eps=1e-8), lr=3e-3,
                     weight_decay=0.1).attach()
-    opt = torch.optim.AdamW(reference.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    undecayed = [p for n, p in reference.named_parameters() if p.dim() < 2 or n == "model.embed_tokens.weight"]
+    decayed = [p for p in reference.parameters() if all(p is not q for q in undecayed)]
+    assert len(decayed) == 15  # 7 matrices per block x 2 blocks + lm_head
+    opt = torch.optim.AdamW([{"params": decayed}, {"params": undecayed, "weight_decay": 0.0}],
+                            lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     for x, y in random_batches(5):
         engine.backward(model(x, y))
         reference(x, y).backward()
         opt.step()
         opt.zero_grad()
-    assert max_relative_diff(model, reference) < 1e-6
+    # 2e-6 on the embedding: fp32 rounding in a row whose gradient nearly cancels; decaying the
+    # embedding (lr x wd x 5 steps) would be 1.5e-3
+    assert max_relative_diff(model, reference) < 1e-5
     assert max_relative_diff(model, tiny_model()) > 1e-3  # the weights did move
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import TrainConfig
+from ..models.hf_config import uniform_layers, with_layers
 from ..recipe import build_engine, build_run_model, model_config_of, prepare_model, sync_structure
 from ..optim.state import PRECISIONS
 from .device import overhead_lines, svd_workspace_bytes
@@ -109,12 +110,15 @@ def simulate(config: TrainConfig, model_config=None, *, steps: int = SIMULATED_S
 
 
 def materialize(model: nn.Module) -> None:
-    """Replace meta parameters and buffers by (fake, under FakeTensorMode) CPU tensors."""
+    """Replace meta parameters and buffers by (fake, under FakeTensorMode) CPU tensors; a
+    parameter shared by two modules (a tied head) stays one parameter."""
+    made = {}
     for module in model.modules():
         for name, p in module._parameters.items():
             if p is not None:
-                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
-                                                        requires_grad=p.requires_grad)
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                module._parameters[name] = made[id(p)]
         for name, b in module._buffers.items():
             if b is not None:
                 module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
@@ -139,11 +143,11 @@ def plan_config(config: TrainConfig, target: str | None = None, budget: int | No
     model_config = model_config_of(config)
     depth = model_config.num_hidden_layers
     round_to = 512 if target == "cuda" else 1
-    if full_depth or depth <= max(SHALLOW_LAYERS) + 1:
+    if full_depth or not extrapolates(model_config):
         summary = simulate(config, model_config, round_to=round_to)
         summary["simulated"]["method"] = f"all {depth} layers simulated"
     else:
-        shallow = {L: simulate(config, replace(model_config, num_hidden_layers=L), round_to=round_to)
+        shallow = {L: simulate(config, with_layers(model_config, L), round_to=round_to)
                    for L in SHALLOW_LAYERS}
         summary = extrapolate_summary(shallow, depth)
     return {"target": target, "budget": budget, "peak": summary["peak"],
@@ -171,6 +175,12 @@ def plan_run(config: TrainConfig, *, search: bool = False, full_depth: bool = Fa
 
 
 # -- extrapolation in depth ----------------------------------------------------------------------
+def extrapolates(model_config) -> bool:
+    """Deep enough to gain from shallow simulations, with blocks that are all alike (a model with
+    per-layer attention types is simulated at full depth)."""
+    return model_config.num_hidden_layers > max(SHALLOW_LAYERS) + 1 and uniform_layers(model_config)
+
+
 def extrapolate_summary(shallow: dict, depth: int) -> dict:
     """A tracker summary at `depth` layers from summaries at the two SHALLOW_LAYERS depths: each
     phase's bytes by category, each category's maximum and the allocator rounding, linear in the
@@ -306,13 +316,13 @@ def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) ->
     trial = replace(config, **rung["changes"], accumulate=2 if cap > 1 or config.accumulate > 1 else 1)
     model_config = model_config_of(config)
     depth = model_config.num_hidden_layers
-    shallow = depth > max(SHALLOW_LAYERS) + 1
+    shallow = extrapolates(model_config)
     if batch_sizes is None:  # large enough that chunked loss is active, as it will be at the answer
         first = max(1, math.ceil(trial.loss_chunk_tokens / trial.seq_len)) if trial.loss_chunk_tokens else 1
         batch_sizes = (first, 2 * first)
     totals = {}
     for B in batch_sizes:
-        runs = {L: simulate(replace(trial, batch_size=B), replace(model_config, num_hidden_layers=L), steps=1)
+        runs = {L: simulate(replace(trial, batch_size=B), with_layers(model_config, L), steps=1)
                 for L in (SHALLOW_LAYERS if shallow else (depth,))}
         table = (extrapolate_summary(runs, depth) if shallow else runs[depth])["timeline"]
         for record in table:
@@ -349,7 +359,8 @@ def phase_table(timeline: list[dict], layers: int) -> dict:
     return table
 
 
-_LAYER_INDEX = re.compile(r"(?<=layers\.)\d+|(?<=block )\d+")
+# the block index: the first numeric component of a parameter path (model.layers.3..., transformer.h.3...)
+_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)|(?<=block )\d+")
 
 
 def phase_class(phase: str, layers: int) -> str | None:

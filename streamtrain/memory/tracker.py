@@ -16,10 +16,13 @@ is `optimizer_states` except GaLore's basis (`projectors`). Accumulation buffers
 in host RAM (--offload-accumulation) are `host`: counted apart (host_total, host_peak), never in
 the device total. On CUDA (device_type='cuda') any CPU tensor is `host` too.
 
-Phases: 'forward embed' (embedding and block 0), 'forward block i' (from the model's
-`hooks.after_block(i - 1)` callback), 'forward loss', 'backward' (from a hook on the model's
-output), then for each parameter 'hook <name>' (engine listener) and 'backward after <name>';
-'idle' after a step ends. Each phase records its peak and the bytes by category at that peak.
+Phases: 'forward embed' (embedding and block 0), 'forward block i' (a forward hook on block i-1
+of the model's block list, `model.blocks`: our LLaMA's decoder layers or a transformers model's,
+found by the adapter), 'forward loss' (after the last block: final norm, head, cross-entropy),
+'backward' (from a hook on the model's output), then for each parameter 'hook <name>' (engine
+listener) and 'backward after <name>'; 'idle' after a step ends. Each phase records its peak and
+the bytes by category at that peak. A checkpointed block recomputed in backward fires its forward
+hook again; that is not a forward phase and is ignored.
 """
 import weakref
 
@@ -183,15 +186,16 @@ class MemoryTracker(TorchDispatchMode):
     # -- wiring to a model and an engine -------------------------------------------------------
     def watch(self, model: torch.nn.Module, engine=None) -> "MemoryTracker":
         """Label the model's tensors and the engine's states, and follow their events: forward
-        blocks (model.hooks), the start of backward (a hook on the model's output), each gradient
+        blocks (forward hooks on `model.blocks`), the start of backward (a hook on the model's output), each gradient
         arriving at a parameter, each engine hook, each step end."""
         self._model = model
         for p in model.parameters():
             self.label(p, "weights")
         for b in model.buffers():
             self.label(b, "weights")
-        if hasattr(model, "hooks"):
-            model.hooks = self
+        blocks = list(getattr(model, "blocks", None) or [])
+        for i, block in enumerate(blocks):
+            self._handles.append(block.register_forward_hook(self._block_done(i, len(blocks))))
         self._handles.append(model.register_forward_pre_hook(lambda *_: self.set_phase("forward embed")))
         self._handles.append(model.register_forward_hook(self._after_forward))
         for p in model.parameters():
@@ -209,14 +213,14 @@ class MemoryTracker(TorchDispatchMode):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._model is not None and getattr(self._model, "hooks", None) is self:
-            self._model.hooks = None
         if self._engine is not None and self in self._engine.listeners:
             self._engine.listeners.remove(self)
 
-    def after_block(self, i: int) -> None:  # called by Llama.hidden_states
-        last = len(self._model.model.layers) - 1 if self._model is not None else -1
-        self.set_phase("forward loss" if i == last else f"forward block {i + 1}")
+    def _block_done(self, i: int, count: int):
+        def hook(module, inputs, output):
+            if self._phase["kind"] == "forward":  # not a checkpointed block's recomputation in backward
+                self.set_phase("forward loss" if i == count - 1 else f"forward block {i + 1}")
+        return hook
 
     def _after_forward(self, module, inputs, output):
         if isinstance(output, torch.Tensor) and output.requires_grad:

@@ -1,9 +1,11 @@
 """LLaMA in plain PyTorch, with Hugging Face parameter names.
 
-RMSNorm, rotary embeddings (HF's rotate-half convention, so HF checkpoints give the same logits),
-SwiGLU MLP, causal attention through scaled_dot_product_attention, optional grouped-query
-attention, untied lm_head, optional per-block activation checkpointing, and a cross-entropy that
-can run in chunks of tokens so the full (tokens x vocab) logits never exist at once.
+RMSNorm, rotary embeddings (HF's rotate-half convention and frequencies, with linear and llama3
+scaling, so HF checkpoints give the same logits), SwiGLU MLP, causal attention through
+scaled_dot_product_attention, optional grouped-query attention, an explicit head_dim, lm_head
+untied or tied to the embeddings, optional per-block activation checkpointing, and a
+cross-entropy that can run in chunks of tokens so the full (tokens x vocab) logits never exist
+at once. `blocks` is the list of decoder layers (the memory tracker hooks them).
 """
 import math
 
@@ -12,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .loss import next_token_loss
 from .presets import LlamaConfig
+from .rope import inverse_frequencies, rotary_tables
 
 
 class RMSNorm(nn.Module):
@@ -28,14 +32,6 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float, device, dtype):
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    t = torch.arange(seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)  # (T, head_dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -48,7 +44,7 @@ def apply_rotary(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.kv_heads, c.head_dim
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.kv_heads, c.head_size
         self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
@@ -108,9 +104,14 @@ class Llama(nn.Module):
         self.config = config.validate()
         self.model = LlamaBody(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:  # one Parameter under two names, as in HF
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.activation_checkpointing = activation_checkpointing
         self.loss_chunk_tokens = loss_chunk_tokens
-        self.hooks = None  # optional per-block callbacks (the memory profiler sets this)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
 
     def reset_parameters(self, seed: int | None = None, std: float = 0.02):
         """HF-style init: normal(0, std) for matrices, ones for norms."""
@@ -133,14 +134,13 @@ class Llama(nn.Module):
             raise ValueError(f"sequence length {T} exceeds the model's max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_tables(T, self.config.head_dim, self.config.rope_theta, x.device, x.dtype)
-        for i, layer in enumerate(self.model.layers):
+        c = self.config
+        cos, sin = rotary_tables(T, inverse_frequencies(c.head_size, c.rope_theta, c.rope_scaling, x.device), x.dtype)
+        for layer in self.model.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-            if self.hooks is not None:
-                self.hooks.after_block(i)
         return self.model.norm(x)
 
     def forward(self, input_ids, targets=None):
@@ -151,23 +151,7 @@ class Llama(nn.Module):
         return self.loss(h, targets)
 
     def loss(self, h, targets):
-        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-        chunk = self.loss_chunk_tokens
-        if chunk <= 0 or chunk >= h.shape[0]:
-            return _chunk_loss_sum(h, targets, self.lm_head.weight) / targets.numel()
-        # Each chunk's logits are recomputed in backward (checkpoint), so at most one chunk of
-        # (chunk x vocab) logits, their fp32 upcast and their gradient exist at any moment.
-        total = h.new_zeros((), dtype=torch.float32)
-        for start in range(0, h.shape[0], chunk):
-            sl = slice(start, start + chunk)
-            total = total + checkpoint(_chunk_loss_sum, h[sl], targets[sl], self.lm_head.weight,
-                                       use_reentrant=False)
-        return total / targets.numel()
-
-
-def _chunk_loss_sum(h, targets, weight):
-    logits = F.linear(h, weight).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+        return next_token_loss(h, targets, self.lm_head.weight, chunk=self.loss_chunk_tokens)
 
 
 def build_model(config: LlamaConfig, device="cpu", dtype=torch.float32, seed: int | None = 0,

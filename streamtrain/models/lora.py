@@ -1,7 +1,13 @@
 """LoRA adapters on linear layers, with merge/unmerge and export in peft's and HF's layouts.
 
 A wrapped layer computes  y = x W^T + scale * (dropout(x) A^T) B^T  with the base W frozen,
-A (r x in) and B (out x r) trainable, scale = alpha / r (rsLoRA: alpha / sqrt(r)).
+A (r x in) and B (out x r) trainable, scale = alpha / r (rsLoRA: alpha / sqrt(r)). The base may
+be an nn.Linear or transformers' Conv1D (GPT-2), whose weight is stored transposed, (in x out):
+the adapter is the same, and merging adds (B A)^T to it (peft's `fan_in_fan_out`).
+
+Targets. 'all-linear' wraps the linear layers inside the transformer blocks (models/structure.py):
+attention and MLP projections, never the embeddings or the output head; a tied head is an
+embedding. A list picks layers by path, last components or regex.
 
 Names. The wrapper replaces the nn.Linear at the same module path and keeps the frozen base as
 its own `weight`, so `model.layers.0.self_attn.q_proj.weight` keeps its HF name (checkpoints,
@@ -26,12 +32,13 @@ Fine-tuning an HF checkpoint: build the model, `streamtrain.hf.load_hf_weights(m
 """
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .structure import block_linear_paths, is_conv1d, linear_layers, match_paths, output_head
 
 LORA_INITS = ("split", "standard")
 PEFT_PREFIX = "base_model.model."
@@ -40,11 +47,13 @@ PEFT_PREFIX = "base_model.model."
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, init: str = "split", generator: torch.Generator | None = None):
         super().__init__()
         check_lora_settings(rank, alpha, dropout, init)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.fan_in_fan_out = is_conv1d(base)  # weight stored (in, out)
+        self.in_features, self.out_features = (
+            (base.nx, base.nf) if self.fan_in_fan_out else (base.in_features, base.out_features))
         self.rank, self.alpha, self.rslora, self.init = rank, float(alpha), rslora, init
         self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         # the base's own Parameter objects: same tensors, same names, now frozen
@@ -58,8 +67,12 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.reset_adapters(generator)
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight in nn.Linear's (out, in) layout (a view for Conv1D)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.base_weight(), self.bias)
         if self.merged:
             return y
         return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
@@ -89,9 +102,10 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """scale * B @ A in fp32."""
+        """scale * B @ A in fp32, in the stored weight's layout (transposed for Conv1D)."""
         dtype = self.compute_dtype
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)).mul_(self.scale)
+        delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)).mul_(self.scale)
+        return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -126,7 +140,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-                f"scale={self.scale:g}, init={self.init}, merged={self.merged}")
+                f"scale={self.scale:g}, init={self.init}, merged={self.merged}"
+                + (", conv1d" if self.fan_in_fan_out else ""))
 
 
 def check_lora_settings(rank: int, alpha: float, dropout: float, init: str) -> None:
@@ -145,38 +160,31 @@ def check_lora_settings(rank: int, alpha: float, dropout: float, init: str) -> N
 
 # -- wrapping a model ---------------------------------------------------------------------------
 def target_paths(model: nn.Module, targets) -> list[str]:
-    """Module paths of the nn.Linear layers named by `targets`: 'all-linear' (every nn.Linear but
-    lm_head), or a list whose entries match a path exactly, as its last components
-    ('q_proj', 'self_attn.q_proj'; peft's rule), or as a regular expression (re.fullmatch)."""
-    linear = [path for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Module paths of the linear layers (nn.Linear, Conv1D) named by `targets`: 'all-linear'
+    (those inside the transformer blocks), or a list whose entries match a path exactly, as its
+    last components ('q_proj', 'self_attn.q_proj'; peft's rule), or as a regular expression."""
     if targets == "all-linear":
-        return [p for p in linear if p.rsplit(".", 1)[-1] != "lm_head"]
-    if isinstance(targets, str):
-        targets = [targets]
-    chosen = set()
-    for target in targets:
-        try:
-            pattern = re.compile(target)
-        except re.error as e:
-            raise ValueError(f"LoRA target {target!r} is not a valid name or regex: {e}") from None
-        hits = [p for p in linear if p == target or p.endswith("." + target) or pattern.fullmatch(p)]
-        if not hits:
-            raise ValueError(f"LoRA target {target!r} matches no nn.Linear; linear layers are named "
-                             f"like {linear[:3]} (use a name, a regex or 'all-linear')")
-        chosen.update(hits)
-    if any(p.rsplit(".", 1)[-1] == "lm_head" for p in chosen):
-        # Llama.loss reads lm_head.weight directly, so an adapter there would be ignored
-        raise ValueError("LoRA cannot wrap lm_head (the loss reads its weight directly); "
-                         "train it full-rank instead")
-    return [p for p in linear if p in chosen]
+        paths = block_linear_paths(model)
+        if not paths:
+            raise ValueError("LoRA 'all-linear' found no linear layer inside the model's blocks; "
+                             "name the layers to wrap (--lora-targets)")
+        return paths
+    linear = linear_layers(model)
+    chosen = match_paths([p for p, _ in linear], targets, "nn.Linear or Conv1D layer")
+    head = output_head(model)
+    for path, m in linear:
+        if m is head and path in chosen:  # the loss reads the head's weight directly: an adapter would be ignored
+            raise ValueError(f"LoRA cannot wrap the output head {path} (the loss reads its weight directly); "
+                             "train it full-rank instead")
+    return chosen
 
 
 def apply_lora(model: nn.Module, targets="all-linear", rank: int = 8, alpha: float = 16.0,
                dropout: float = 0.0, rslora: bool = False, init: str = "split", seed: int = 0,
                freeze_others: bool = True) -> list[str]:
-    """Replace the targeted nn.Linear layers of `model` by LoRALinear, in place; returns their
+    """Replace the targeted linear layers of `model` by LoRALinear, in place; returns their
     paths. Base weights are frozen; with `freeze_others` (LoRA fine-tuning) every other parameter
-    is frozen too, while ReLoRA keeps embeddings, norms and lm_head trainable. Apply it after
+    is frozen too, while ReLoRA keeps embeddings, norms and the output head trainable. Apply it after
     loading base weights (`streamtrain.hf.load_hf_weights` is strict about names)."""
     check_lora_settings(rank, alpha, dropout, init)
     paths = target_paths(model, targets)
@@ -234,8 +242,7 @@ def peft_target_modules(model: nn.Module, paths: list[str]) -> list[str]:
     """peft's `target_modules`: the leaf names when they pick out exactly the wrapped layers,
     else the full paths (peft matches a list entry by equality or '.'-suffix)."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    candidates = {path for path, m in model.named_modules()
-                  if isinstance(m, (nn.Linear, LoRALinear)) and path.rsplit(".", 1)[-1] in leaves}
+    candidates = {path for path, _ in model.named_modules() if path.rsplit(".", 1)[-1] in leaves}
     return leaves if candidates == set(paths) else sorted(paths)
 
 
@@ -257,21 +264,21 @@ def save_peft_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | 
     modules = lora_modules(model)
     if not modules:
         raise ValueError("the model has no LoRA adapters; call apply_lora(model, ...) first")
-    settings = {(m.rank, m.alpha, m.rslora, m.dropout_p) for _, m in modules}
+    settings = {(m.rank, m.alpha, m.rslora, m.dropout_p, m.fan_in_fan_out) for _, m in modules}
     if len(settings) != 1:
-        raise ValueError(f"adapters differ in (rank, alpha, rslora, dropout) {sorted(settings)}; "
+        raise ValueError(f"adapters differ in (rank, alpha, rslora, dropout, conv1d) {sorted(settings)}; "
                          "peft export needs one setting for all")
     trained_outside = [n for n, p in model.named_parameters()
                        if p.requires_grad and not is_adapter_name(n)]
     if trained_outside:
         raise ValueError(f"parameters outside the adapters are trainable ({trained_outside[:3]}); "
                          "an adapter file cannot carry them: export merged_state_dict(model) instead")
-    rank, alpha, rslora, dropout = settings.pop()
+    rank, alpha, rslora, dropout, fan_in_fan_out = settings.pop()
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": rslora, "bias": "none",
         "target_modules": peft_target_modules(model, [p for p, _ in modules]),
-        "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
+        "fan_in_fan_out": fan_in_fan_out, "modules_to_save": None, "init_lora_weights": True,
         "inference_mode": True,
     }
     out = Path(out_dir)

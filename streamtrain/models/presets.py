@@ -3,7 +3,9 @@
 The llama-9m ... llama-7b shapes are the GaLore paper's (its configs/llama_*.json, vocab 32000).
 The byte-* presets use the 256-symbol byte tokenizer so they train on the built-in corpus.
 """
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
+
+from .rope import check_rope_scaling
 
 
 @dataclass(frozen=True)
@@ -17,25 +19,41 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # read from HF configs (hf_config.py); the presets keep the defaults
+    head_dim: int | None = None             # None: hidden_size // num_attention_heads
+    tie_word_embeddings: bool = False       # lm_head shares the embedding matrix
+    rope_scaling: dict | None = None        # {'rope_type': 'linear' | 'llama3', ...} (models/rope.py)
 
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.num_attention_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def head_size(self) -> int:
+        """Width of one attention head (HF's head_dim, derived when the config leaves it out)."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def validate(self) -> "LlamaConfig":
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.kv_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
                              f"num_key_value_heads {self.kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.head_size % 2:
+            raise ValueError(f"head_dim {self.head_size} must be even for rotary embeddings")
+        check_rope_scaling(self.rope_scaling)
         return self
+
+    def identity(self) -> dict:
+        """The architecture as a checkpoint records it; fields added later are left out while at
+        their default, so checkpoints written before they existed still match."""
+        defaults = LlamaConfig()
+        return {k: v for k, v in asdict(self).items()
+                if k not in LATER_FIELDS or v != getattr(defaults, k)}
+
+
+LATER_FIELDS = ("head_dim", "tie_word_embeddings", "rope_scaling")
 
 
 PRESETS: dict[str, LlamaConfig] = {
@@ -70,9 +88,9 @@ def get_config(name: str, **overrides) -> LlamaConfig:
 
 def parameter_count(config: LlamaConfig) -> int:
     h, i, v, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
-    kv = config.kv_heads * config.head_dim
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-    return 2 * v * h + L * per_layer + h
+    q, kv = config.num_attention_heads * config.head_size, config.kv_heads * config.head_size
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h
+    return (1 if config.tie_word_embeddings else 2) * v * h + L * per_layer + h
 
 
 def describe_presets() -> str:
