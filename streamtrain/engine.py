@@ -305,7 +305,7 @@ class Engine:
             raise RuntimeError("the engine's state is taken at a step boundary, not in the middle of step "
                                f"{self.step} (micro-batch {self.micro_index} is in flight)")
         return {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
-                "rules": [{"config": rule.config(), "parameters": names,
+                "rules": [{"config": engine_state.rule_config(rule), "parameters": names,
                            "extra": rule.state_extra(self)}
                           for rule, names in self.rule_groups()],
                 "states": {name: {key: engine_state.export(value) for key, value in state.items()}

@@ -40,9 +40,14 @@ def is_storage(value) -> bool:
 
 
 # -- checks ----------------------------------------------------------------------------------------
+def rule_config(rule) -> dict:
+    """A rule's settings as saved: its own config() and its parameter group's lr_scale and decay."""
+    return {**rule.config(), "lr_scale": rule.lr_scale, "weight_decay": rule.weight_decay}
+
+
 def check_rules(saved: list[dict], groups: list[tuple]) -> None:
     """The saved rules are this engine's rules: same methods, same settings."""
-    current = [rule.config() for rule, _ in groups]
+    current = [rule_config(rule) for rule, _ in groups]
     if sorted(map(key, (r["config"] for r in saved))) == sorted(map(key, current)):
         return
     saved_by_name = {r["config"]["name"]: r["config"] for r in saved}
@@ -61,7 +66,7 @@ def in_order(saved: list[dict], groups: list[tuple]) -> list[dict]:
     by_config = {}
     for entry in saved:
         by_config.setdefault(key(entry["config"]), []).append(entry)
-    return [by_config[key(rule.config())].pop(0) for rule, _ in groups]
+    return [by_config[key(rule_config(rule))].pop(0) for rule, _ in groups]
 
 
 def check_parameters(state: dict, groups: list[tuple], live_names: set) -> None:
@@ -74,9 +79,9 @@ def check_parameters(state: dict, groups: list[tuple], live_names: set) -> None:
     saved = {n: r["config"] for r in state["rules"] for n in r["parameters"]}
     for rule, names in groups:
         for name in names:
-            if saved.get(name) != as_json(rule.config()):
+            if saved.get(name) != as_json(rule_config(rule)):
                 raise StateMismatch(f"the saved state updates {name} with another rule "
-                                    f"({difference(saved.get(name), as_json(rule.config()))}); check --method")
+                                    f"({difference(saved.get(name), as_json(rule_config(rule)))}); check --method")
 
 
 # -- load ------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from .config import TrainConfig
 STREAM_FLAGS = ("seed", "batch_size", "seq_len", "accumulate", "max_data_bytes", "text_field", "token_dtype")
 # flags that decide the math of a step (the rules' settings are compared again, rule by rule, on load)
 # (the model and weight dtype are the checkpoint's identity, checked on load with their own message)
-MATH_FLAGS = ("method", "rank", "galore_gap", "galore_scale", "states",
+MATH_FLAGS = ("method", "low_rank_targets", "rank", "galore_gap", "galore_scale", "states",
               "lora_targets", "lora_alpha", "lora_dropout", "rslora", "relora_warm_start", "relora_cycle",
               "relora_restart_warmup", "relora_keep_fraction", "relora_prune", "eta", "r_min",
               "converge_threshold", "refresh_share", "svd", "lr", "warmup", "min_lr_ratio", "weight_decay",

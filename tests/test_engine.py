@@ -305,3 +305,14 @@ def test_the_optimizer_face_lets_a_torch_scheduler_drive_the_learning_rate():
     assert max_relative_diff(model, reference) < 1e-6
     state = face.state_dict()
     assert state["engine"]["step"] == 4 and [g["lr"] for g in state["param_groups"]] == [g["lr"] for g in face.param_groups]
+
+
+def test_a_state_of_other_parameter_groups_is_refused():
+    """A rule's lr_scale and weight decay are part of what a state was trained with."""
+    model = tiny_model()
+    engine = Engine(model, assign_rules(model, "adamw"), lr=1e-3).attach()
+    other = tiny_model()
+    rules = assign_rules(other, "adamw")
+    next(r for r in rules.values() if r.weight_decay == 0.0).weight_decay = 0.05
+    with pytest.raises(ValueError, match="weight_decay: saved 0.0, this run 0.05"):
+        Engine(other, rules, lr=1e-3).attach().load_state_dict(engine.state_dict())
