@@ -50,13 +50,14 @@ def check_rules(saved: list[dict], groups: list[tuple]) -> None:
     current = [rule_config(rule) for rule, _ in groups]
     if sorted(map(key, (r["config"] for r in saved))) == sorted(map(key, current)):
         return
-    saved_by_name = {r["config"]["name"]: r["config"] for r in saved}
-    current_by_name = {c["name"]: c for c in current}
-    if saved_by_name.keys() != current_by_name.keys():
-        detail = f"rules: saved {'+'.join(sorted(saved_by_name))}, this run {'+'.join(sorted(current_by_name))}"
-    else:
-        name = next(n for n in sorted(saved_by_name) if key(saved_by_name[n]) != key(current_by_name[n]))
-        detail = f"{name} {difference(saved_by_name[name], current_by_name[name])}"
+    saved_names = sorted(r["config"]["name"] for r in saved)
+    current_names = sorted(c["name"] for c in current)
+    if saved_names != current_names:
+        detail = f"rules: saved {'+'.join(saved_names)}, this run {'+'.join(current_names)}"
+    else:  # the same rules in the same order (the model's parameter order): name the first that differs
+        pairs = zip((r["config"] for r in saved), current)
+        saved_config, current_config = next((a, b) for a, b in pairs if key(a) != key(as_json(b)))
+        detail = f"{current_config['name']} {difference(saved_config, as_json(current_config))}"
     raise StateMismatch(f"the saved state was trained with another method ({detail}); use the same "
                         "--method/--rank/--states settings")
 
