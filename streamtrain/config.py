@@ -317,14 +317,20 @@ def checked_value(key: str, value, path: Path):
     if isinstance(value, str) and "float" in kinds:  # YAML 1.1 reads 1e-3 (no dot) as a string
         with contextlib.suppress(ValueError):
             value = float(value)
-    ok = ((value is None and "None" in kinds) or (isinstance(value, bool) and "bool" in kinds)
-          or (not isinstance(value, bool) and ((isinstance(value, int) and kinds & {"int", "float"})
-                                               or (isinstance(value, float) and "float" in kinds)
-                                               or (isinstance(value, str) and "str" in kinds)
-                                               or (isinstance(value, dict) and "dict" in kinds))))
-    if not ok:
+    if not type_matches(value, kinds):
         raise ConfigError(f"--config {path}: {key}: expected {' or '.join(sorted(kinds))}, got {value!r}")
-    return float(value) if "float" in kinds and isinstance(value, int) and not isinstance(value, bool) else value
+    return float(value) if "float" in kinds and type(value) is int else value
+
+
+def type_matches(value, kinds: set[str]) -> bool:
+    """Whether `value` (from JSON or YAML) has one of the type names in `kinds` (an int is a float too)."""
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):  # before int: a bool is an int to Python, not to a config
+        return "bool" in kinds
+    if isinstance(value, int):
+        return bool(kinds & {"int", "float"})
+    return type(value).__name__ in kinds
 
 
 def kinds_of(f) -> set[str]:

@@ -23,10 +23,12 @@ EPILOG = """examples:
   {prog} --recipe llama-7b-24gb --dry-run              # the 7B plan for one 24 GB GPU
 """
 DRY_RUN_DOES_NOT_FIT = 1
+PLAN = ("Plan memory only (a dry run: nothing allocated, nothing trained): exit 0 when the run fits\n"
+        "its --budget, 1 when it does not, with the whole command that fits.")
 
 
 def parser(prog: str = PROGRAM) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog=prog, description=PLAN if prog.endswith(" plan") else __doc__.splitlines()[0],
                                 epilog=EPILOG.format(prog=prog), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     return p
