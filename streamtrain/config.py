@@ -2,7 +2,14 @@
 names the flag and the fix. The CLI builds its flags from these fields; library users fill the
 dataclass directly."""
 import argparse
+import contextlib
+import difflib
+import importlib.util
+import json
 import math
+import shlex
+import sys
+import typing
 from pathlib import Path
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
@@ -117,7 +124,11 @@ class TrainConfig:
                                  "files first (without it such a run is refused)")
     eval_every: int = opt(50, "validation every N steps (0 = only at the end)")
     eval_batches: int = opt(8, "validation micro-batches per evaluation")
-    progress: bool = opt(True, "show a progress bar")
+    progress: bool = opt(True, "show a progress bar (only when stderr is a terminal; otherwise, and with "
+                               "--no-progress, a log line every --log-every steps)")
+    log_every: int = opt(10, "print a log line every N steps when there is no progress bar")
+    tensorboard: bool = opt(False, "write TensorBoard event files to <out>/tensorboard (loss, lr, grad norm, val "
+                                   "loss, tokens/s, memory; needs the extra: pip install -e '.[tensorboard]')")
     # checkpoints
     save_every: int = opt(200, "save a checkpoint every N steps (0: only at the end and on a stop signal)")
     keep_checkpoints: int = opt(2, "keep the newest K checkpoints in <out>/checkpoints")
@@ -133,7 +144,7 @@ class TrainConfig:
                        f"{self.model!r} is neither a preset nor a model folder")
             fail("--model", problem, f"choose a preset ({', '.join(PRESETS)}; 'list' shows them) or a local "
                  "Hugging Face model folder")
-        for name in ("steps", "batch_size", "accumulate", "rank", "galore_gap", "eval_batches"):
+        for name in ("steps", "batch_size", "accumulate", "rank", "galore_gap", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 fail(flag(name), f"must be >= 1, got {getattr(self, name)}", "pass a positive integer")
         if self.seq_len < 2:
@@ -158,6 +169,8 @@ class TrainConfig:
                 parse_bytes(self.budget)
             except ValueError as e:
                 raise ConfigError(f"--budget: {e}") from None
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            fail("--tensorboard", "the 'tensorboard' package is not installed", "pip install -e '.[tensorboard]'")
         if self.eval_every < 0 or self.loss_chunk_tokens < 0 or self.max_data_bytes < 0:
             fail("--eval-every/--loss-chunk-tokens/--max-data-bytes", "must be >= 0", "pass 0 or a positive integer")
         return self
@@ -219,24 +232,144 @@ def fail(flag_name: str, problem: str, fix: str):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, typed and documented from the field itself."""
+    """One flag per TrainConfig field, typed and documented from the field itself, plus --config
+    and --recipe. A flag not given is absent from the parsed namespace (argparse.SUPPRESS), so
+    config_from_args can tell the flags a user typed from the defaults."""
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="read settings from a YAML or JSON file (a run writes <out>/run_config.json: pass it "
+                             "back to replay the run); flags on the command line override the file. The file's "
+                             "resume and overwrite are ignored: they act on one invocation only")
+    parser.add_argument("--recipe", metavar="NAME", default=argparse.SUPPRESS,
+                        help="named settings ('list' prints them), e.g. llama-7b-24gb; a --config file and "
+                             "flags override its values")
     for f in fields(TrainConfig):
         meta = f.metadata
         if meta.get("cli") is False:
             continue
         default = f.default if f.default is not MISSING else None
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag(f.name), default=default, action=argparse.BooleanOptionalAction,
-                                help=meta["help"])
-            continue
-        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-        if f.type in (int, float):
-            kind = f.type
         help_text = meta["help"] + ("" if default is None else f" (default: {default})")
-        parser.add_argument(flag(f.name), type=kind, default=default, choices=meta.get("choices"),
+        if kinds_of(f) == {"bool"}:
+            parser.add_argument(flag(f.name), default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+            continue
+        kind = int if "int" in kinds_of(f) else float if "float" in kinds_of(f) else str
+        parser.add_argument(flag(f.name), type=kind, default=argparse.SUPPRESS, choices=meta.get("choices"),
                             help=help_text, metavar=f.name.upper() if not meta.get("choices") else None)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    """The config of a command line: the defaults, overridden by the recipe (--recipe, else the
+    file's `recipe` key), then by the --config file, then by the flags typed."""
+    typed = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    recipe = getattr(args, "recipe", None) or from_file.get("recipe")
+    from_file.pop("recipe", None)
+    from .recipes import recipe_values
+    values = {**(recipe_values(recipe) if recipe else {}), **from_file, **typed}
     return TrainConfig(**values).validate()
+
+
+# -- config files --------------------------------------------------------------------------------
+SESSION_FIELDS = ("resume", "overwrite")  # what one invocation does to a run folder, never read from a file
+
+
+def read_config_file(path: str) -> dict:
+    """The settings of a YAML (.yaml/.yml, needs PyYAML) or JSON file (any other name), checked
+    against TrainConfig's fields and types; keys may be written as flags (seq-len) or fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: {path} does not exist; pass a YAML or JSON file (a run writes "
+                          "<out>/run_config.json)")
+    values = parse_config_text(path, path.read_text(errors="replace"))
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings (field: value), got "
+                          f"{type(values).__name__}")
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    ignored = {k: values.pop(k) for k in SESSION_FIELDS if k in values}
+    ignored = {k: v for k, v in ignored.items() if v not in (None, False)}
+    if ignored:
+        print(f"note: --config {path}: ignored {', '.join(f'{k}={v!r}' for k, v in ignored.items())} (taken from "
+              f"the command line only: pass {' '.join(flag_pairs(ignored))} to act on a run)", file=sys.stderr)
+    return {key: checked_value(key, value, path) for key, value in values.items()}
+
+
+def parse_config_text(path: Path, text: str):
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"--config {path}: reading YAML needs PyYAML (pip install -e '.[yaml]'); or "
+                              "write the settings as JSON") from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            raise ConfigError(f"--config {path}: not valid YAML ({getattr(e, 'problem', None) or 'parse error'}"
+                              f"{f' at line {where.line + 1}' if where else ''})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno}); YAML files need a "
+                          ".yaml name") from None
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def checked_value(key: str, value, path: Path):
+    """`value` for field `key` when its type is the field's (an int is a float too), else a
+    one-line error naming the file, the key and the type expected."""
+    if key == "recipe":
+        if not isinstance(value, str):
+            raise ConfigError(f"--config {path}: recipe: expected a recipe name, got {value!r}")
+        return value
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, list(FIELDS) + ["recipe"], n=1)
+        raise ConfigError(f"--config {path}: unknown setting {key!r}"
+                          + (f"; did you mean {close[0]!r}?" if close else "; see --help for the settings"))
+    kinds = kinds_of(FIELDS[key])
+    if isinstance(value, str) and "float" in kinds:  # YAML 1.1 reads 1e-3 (no dot) as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if not type_matches(value, kinds):
+        raise ConfigError(f"--config {path}: {key}: expected {' or '.join(sorted(kinds))}, got {value!r}")
+    return float(value) if "float" in kinds and type(value) is int else value
+
+
+def type_matches(value, kinds: set[str]) -> bool:
+    """Whether `value` (from JSON or YAML) has one of the type names in `kinds` (an int is a float too)."""
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):  # before int: a bool is an int to Python, not to a config
+        return "bool" in kinds
+    if isinstance(value, int):
+        return bool(kinds & {"int", "float"})
+    return type(value).__name__ in kinds
+
+
+def kinds_of(f) -> set[str]:
+    """The type names a field accepts: {'int'}, {'float', 'None'}, {'str', 'None'} ..."""
+    kinds = typing.get_args(f.type) or (f.type,)
+    return {"None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds}
+
+
+def flag_pairs(values: dict) -> list[str]:
+    """Settings as command-line words: --seq-len 256, --activation-checkpointing, --no-progress."""
+    words = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            words.append(flag(name) if value else "--no-" + flag(name)[2:])
+        elif value is not None:
+            words.append(f"{flag(name)} {shlex.quote(str(value))}")
+    return words
+
+
+def command_line(config: TrainConfig, program: str = "streamtrain train") -> str:
+    """The command that trains `config`: every setting that differs from the default, as flags
+    (the run folder, --out/--resume/--overwrite, and --dry-run are left to the user;
+    model_overrides has no flag)."""
+    default = TrainConfig()
+    changed = {f.name: getattr(config, f.name) for f in fields(TrainConfig)
+               if f.metadata.get("cli") is not False and f.name not in SESSION_FIELDS + ("dry_run", "out")
+               and getattr(config, f.name) != getattr(default, f.name)}
+    return " ".join([program] + flag_pairs(changed))

@@ -1,9 +1,10 @@
-"""`python -m streamtrain.run`: plan, then train, on the built-in corpus by default.
+"""`python -m streamtrain.run` (= `streamtrain train`): plan, then train, on the built-in corpus by default.
 
-A thin layer: flags parse into a TrainConfig (streamtrain/config.py), which goes to the same
-`train` function a library user calls. User errors print one line and exit with status 2; a run
-stopped by SIGINT/SIGTERM saves a checkpoint and exits 128+signal; non-finite steps in a row exit 3
-(after a checkpoint), out of memory exits 1 (the last checkpoint kept). `--resume auto` continues.
+A thin layer: flags (over a --recipe and a --config file) parse into a TrainConfig
+(streamtrain/config.py), which goes to the same `train` function a library user calls. Exit
+status: 0 done (or a dry run that fits); 1 a dry run that does not fit, or out of memory (the last
+checkpoint kept); 2 a user error, printed as one line; 3 non-finite steps in a row (after a
+checkpoint); 128+signal a run stopped by SIGINT/SIGTERM (after a checkpoint; --resume auto continues).
 """
 import argparse
 import sys
@@ -11,26 +12,36 @@ import sys
 from .config import ConfigError, add_config_arguments, config_from_args
 from .models.presets import describe_presets
 
+PROGRAM = "python -m streamtrain.run"
 EPILOG = """examples:
-  python -m streamtrain.run                                  # small preset, built-in corpus
-  python -m streamtrain.run --model list                     # list presets
-  python -m streamtrain.run --method galore --rank 64 --accumulate 4 --steps 500
-  python -m streamtrain.run --out runs/x --save-every 100 --resume auto   # continue runs/x if stopped
+  {prog}                                  # small preset, built-in corpus
+  {prog} --model list                     # list presets
+  {prog} --recipe list                    # list named recipes
+  {prog} --method galore --rank 64 --accumulate 4 --steps 500
+  {prog} --out runs/x --save-every 100 --resume auto   # continue runs/x if stopped
+  {prog} --config runs/x/run_config.json --out runs/y  # replay runs/x into runs/y
+  {prog} --recipe llama-7b-24gb --dry-run              # the 7B plan for one 24 GB GPU
 """
+DRY_RUN_DOES_NOT_FIT = 1
+PLAN = ("Plan memory only (a dry run: nothing allocated, nothing trained): exit 0 when the run fits\n"
+        "its --budget, 1 when it does not, with the whole command that fits.")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m streamtrain.run", description=__doc__.splitlines()[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(prog: str = PROGRAM) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=PLAN if prog.endswith(" plan") else __doc__.splitlines()[0],
+                                epilog=EPILOG.format(prog=prog), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     return p
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    if args.model == "list":
-        print(describe_presets())
+def main(argv=None, prog: str = PROGRAM, dry_run: bool = False) -> int:
+    """Train (or, with dry_run, only plan) as the command line says; returns the exit status."""
+    args = parser(prog).parse_args(argv)
+    if listing := list_request(args):
+        print(listing)
         return 0
+    if dry_run:
+        args.dry_run = True
     try:
         config = config_from_args(args)
         from .train import RunStopped, train  # torch-heavy import after the arguments are known to be sane
@@ -46,7 +57,17 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     print(done_line(summary))
-    return 0
+    return DRY_RUN_DOES_NOT_FIT if summary.get("dry_run") and not summary["fits"] else 0
+
+
+def list_request(args) -> str | None:
+    """The table `--model list` or `--recipe list` asks for, else None."""
+    if getattr(args, "model", None) == "list":
+        return describe_presets()
+    if getattr(args, "recipe", None) == "list":
+        from .recipes import describe_recipes
+        return describe_recipes()
+    return None
 
 
 def done_line(summary: dict) -> str:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .atomic import atomic_folder, tensor_bytes
 from .checkpoint import NonFiniteCheckpoint, latest_checkpoint, locate_intact, restore, save_checkpoint, step_of
@@ -20,6 +19,7 @@ from .config import TrainConfig
 from .data import TokenDataset, data_identity, data_summary, load_corpus, tokenizer_identity
 from .engine import NonFiniteError, unique
 from .hf import copy_generation_config, is_model_folder, save_hf, save_tokenizer_files, unique_tensors
+from .logbook import Logbook, plan_lines
 from .memory.planner import check_offload, plan_before_training
 from .memory.profiler import BudgetExceeded, RunProfiler
 from .memory.report import build_report, dry_run, write_report
@@ -113,18 +113,18 @@ class Trainer:
             if removed:
                 print(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {self.out}", file=sys.stderr)
         print(f"run folder: {self.out}", flush=True)
-        print("\n".join(self.data_summary), flush=True)  # stdout: stderr is for errors
+        print("\n".join(plan_lines(self.plan, c) + self.data_summary), flush=True)  # stdout: stderr is for errors
         if self.resume_from is not None:
             trim_metrics(self.out / "metrics.jsonl", self.engine.step)
         # the run's own config, under a name no HF tool reads (an HF folder's config.json is the model's)
         (self.out / RUN_CONFIG).write_text(json.dumps(resolved(c).to_dict(), indent=2))
-        bar = tqdm(total=c.steps, initial=self.engine.step, disable=not c.progress, desc="train", unit="step")
+        logbook = Logbook(c, self.out, self.engine.step, self.profiler)
         mode = "a" if self.engine.step else "w"  # a resumed run appends to its own history
         try:
             if self.engine.step == 0:
                 self.initial_val_loss = self.evaluate()  # the baseline every later val loss is read against
             with open(self.out / "metrics.jsonl", mode) as metrics, stop_signals_caught(self), self.profiler.tracking():
-                self._train_steps(metrics, bar)
+                self._train_steps(metrics, logbook)
         except BudgetExceeded as e:  # at a step boundary: weights and states are whole, save them
             checkpoint = self.save_checkpoint()
             report = self.write_memory_report()
@@ -137,10 +137,11 @@ class Trainer:
                              "--clip-per-tensor / --norm-growth", exit_code=3) from None
         except torch.OutOfMemoryError as e:  # mid-step: weights may be half updated, keep the last checkpoint
             raise self.out_of_memory(e) from None
-        bar.close()
+        finally:
+            logbook.close()
         return self.finish()
 
-    def _train_steps(self, metrics, bar) -> None:
+    def _train_steps(self, metrics, logbook) -> None:
         c = self.config
         tokens_per_step = c.batch_size * c.seq_len * c.accumulate
         while self.engine.step < c.steps:
@@ -163,10 +164,8 @@ class Trainer:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()  # a killed run keeps the metrics of the steps it finished
             self.history.append(record)
-            bar.set_postfix(loss=f"{report.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-            bar.update(1)
             self.profiler.after_step()
+            logbook.step(record)
             self._at_step_boundary()
 
     def _at_step_boundary(self) -> None:

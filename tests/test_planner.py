@@ -187,3 +187,27 @@ def test_on_cuda_the_allocator_is_capped_and_measured_every_step(tmp_path):
     # the tracker's tensor bytes and the allocator's agree to within the allocator's rounding and caching
     measured = json.loads((tmp_path / "memory.json").read_text())["measured"]["peak"]["total"]
     assert 0.9 * measured <= cuda["allocated_peak"] <= 1.5 * measured + 2**26
+
+
+def test_the_search_tries_bf16_weights_before_lower_state_precision_or_rank():
+    rungs = ladder(tiny(method="galore"), "cuda")
+    names = [r["name"] for r in rungs]
+    assert names.index("+ accumulation buffers in host RAM") < names.index("+ bf16 weights") < names.index("+ bf16 states")
+    assert rungs[names.index("+ bf16 weights")] == {"name": "+ bf16 weights", "exact": False, "changes": {
+        "loss_chunk_tokens": 1024, "activation_checkpointing": True, "offload_accumulation": True, "dtype": "bfloat16"}}
+    assert "+ bf16 weights" not in [r["name"] for r in ladder(tiny(method="galore", dtype="bfloat16"), "cuda")]
+
+
+def test_the_7b_dry_run_finds_a_fitting_command_by_itself(tmp_path, capsys):
+    # fp32 weights alone are 27 GB: the dry run exits 1, and its search reaches bf16 weights
+    assert main(["--model", "llama-7b", "--method", "galore", "--budget", "24GB", "--dry-run",
+                 "--out", str(tmp_path)]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("what fits (") and "--dtype bfloat16" in last, last
+    from streamtrain.config import config_from_args
+    from streamtrain.run import parser
+    words = last.split("): ", 1)[1].split()
+    assert words[:2] == ["streamtrain", "train"]
+    fitted = config_from_args(parser().parse_args(words[2:]))
+    plan = plan_config(fitted, budget=parse_bytes("24GB"))  # the command, planned as given, fits
+    assert plan["fits"] and fitted.batch_size * fitted.accumulate == 16, (plan["total"], last)

@@ -16,7 +16,9 @@ a full-depth simulation); `full_depth=True` (--plan-full-depth) simulates every 
 
 The search varies the knobs for the most tokens per micro-batch that fit: micro-batch size,
 chunked loss, activation checkpointing and (for a GPU) accumulation buffers in host RAM (the same
-math), then state precision and rank (not the same math, tried only when needed). Each candidate
+math), then bf16 weights (with stochastic rounding: half the weight bytes, the usual setting for
+large models), state precision and rank (not the same math, tried only when needed, in that
+order, and the search stops at the first that fits). Each candidate
 is simulated at two micro-batch sizes for one logical step; each phase's bytes are affine in the
 micro-batch size, which gives the largest one that fits.
 """
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..config import TrainConfig
+from ..config import TrainConfig, command_line
 from ..models.hf_config import uniform_layers, with_layers
 from ..recipe import build_engine, build_run_model, model_config_of, prepare_model, sync_structure
 from ..optim.state import PRECISIONS
@@ -252,7 +254,8 @@ def refusal_message(config: TrainConfig, plan: dict) -> str:
                f"{format_bytes(plan['budget'])}")
     best = (plan.get("search") or {}).get("best")
     if best is not None:
-        message += f"; what fits: {flags_of(best)} ({best['tokens_per_micro_batch']} tokens per micro-batch)"
+        message += (f"; what fits ({best['tokens_per_micro_batch']} tokens per micro-batch): "
+                    f"{fitting_command(config, best)}")
     return message + f"; or raise --budget to at least {format_bytes(plan['total'])}"
 
 
@@ -270,6 +273,9 @@ def ladder(config: TrainConfig, target: str) -> list[dict]:
     if target == "cuda" and not config.offload_accumulation and config.batch_size * config.accumulate > 1:
         changes = {**changes, "offload_accumulation": True}
         rungs.append({"name": "+ accumulation buffers in host RAM", "changes": changes, "exact": True})
+    if config.dtype != "bfloat16":
+        changes = {**changes, "dtype": "bfloat16"}
+        rungs.append({"name": "+ bf16 weights", "changes": changes, "exact": False})
     for precision in PRECISIONS[PRECISIONS.index(config.states) + 1:]:
         changes = {**changes, "states": precision}
         rungs.append({"name": f"+ {precision} states", "changes": changes, "exact": False})
@@ -312,22 +318,19 @@ def search_knobs(config: TrainConfig, target: str, budget: int) -> dict:
 
 def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) -> dict:
     """The largest micro-batch (<= cap) of `rung` that fits `budget`, from shallow simulations at
-    two micro-batch sizes: each phase's device total is affine in the micro-batch size."""
+    two micro-batch sizes: each phase's device total is affine in the micro-batch size. A rung
+    whose first size is one sequence and does not fit needs no second simulation."""
     trial = replace(config, **rung["changes"], accumulate=2 if cap > 1 or config.accumulate > 1 else 1)
     model_config = model_config_of(config)
-    depth = model_config.num_hidden_layers
-    shallow = extrapolates(model_config)
     if batch_sizes is None:  # large enough that chunked loss is active, as it will be at the answer
         first = max(1, math.ceil(trial.loss_chunk_tokens / trial.seq_len)) if trial.loss_chunk_tokens else 1
         batch_sizes = (first, 2 * first)
-    totals = {}
-    for B in batch_sizes:
-        runs = {L: simulate(replace(trial, batch_size=B), with_layers(model_config, L), steps=1)
-                for L in (SHALLOW_LAYERS if shallow else (depth,))}
-        table = (extrapolate_summary(runs, depth) if shallow else runs[depth])["timeline"]
-        for record in table:
-            key = (record["step"], record["micro"], record["phase"])
-            totals.setdefault(key, []).append(device_total(target, record))
+    totals = {key: [total] for key, total in phase_totals(trial, model_config, target, batch_sizes[0]).items()}
+    if batch_sizes[0] == 1 and max(t[0] for t in totals.values()) > budget:
+        batch_sizes = batch_sizes[:1]  # not even one sequence fits: the answer is 0 either way
+    for B in batch_sizes[1:]:
+        for key, total in phase_totals(trial, model_config, target, B).items():
+            totals.setdefault(key, []).append(total)
     totals = {k: v for k, v in totals.items() if len(v) == len(batch_sizes)}
     result = {"name": rung["name"], "exact": rung["exact"], "changes": rung["changes"], "budget": budget}
 
@@ -339,10 +342,23 @@ def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) ->
         return {**result, "max_batch_size": 1 if result["min_budget"] <= budget else 0}
     largest = largest_fitting(lambda B: needs(B) <= budget, cap)
     best = dividing(largest, cap)
+    if best >= cap and result["changes"].get("offload_accumulation"):  # one micro-batch a step: no buffers
+        result["changes"] = {k: v for k, v in result["changes"].items() if k != "offload_accumulation"}
     result.update(largest_fitting=largest, max_batch_size=best, tokens_per_micro_batch=best * config.seq_len,
                   accumulate=max(1, round(cap / best)) if best else None,
                   predicted_total=int(needs(best)) if best else None)
     return result
+
+
+def phase_totals(trial: TrainConfig, model_config, target: str, batch_size: int) -> dict:
+    """{(step, micro, phase): device bytes} of one logical step of `trial` at `batch_size`
+    (simulated at 2 and 3 layers and extrapolated when the model is deeper than 4)."""
+    depth = model_config.num_hidden_layers
+    shallow = extrapolates(model_config)
+    runs = {L: simulate(replace(trial, batch_size=batch_size), with_layers(model_config, L), steps=1)
+            for L in (SHALLOW_LAYERS if shallow else (depth,))}
+    table = (extrapolate_summary(runs, depth) if shallow else runs[depth])["timeline"]
+    return {(r["step"], r["micro"], r["phase"]): device_total(target, r) for r in table}
 
 
 def phase_table(timeline: list[dict], layers: int) -> dict:
@@ -412,6 +428,17 @@ def dividing(batch_size: int, cap: int) -> int:
         if cap % b == 0:
             return b
     return batch_size
+
+
+def fitted_config(config: TrainConfig, fit: dict) -> TrainConfig:
+    """`config` changed as a search result says: its rung's changes and micro-batch, with the
+    accumulation that keeps the sequences per logical step."""
+    return replace(config, **fit["changes"], batch_size=fit["max_batch_size"], accumulate=fit["accumulate"])
+
+
+def fitting_command(config: TrainConfig, fit: dict) -> str:
+    """The whole command line that trains the search result `fit` of `config`."""
+    return command_line(fitted_config(config, fit))
 
 
 def flags_of(fit: dict) -> str:

@@ -7,7 +7,7 @@ ratio. `write_report(folder, report)` writes memory.json, memory.md and memory.p
 import json
 from pathlib import Path
 
-from .planner import PlanRefused, flags_of, plan_config, plan_run, search_knobs
+from .planner import PlanRefused, fitting_command, flags_of, plan_config, plan_run, search_knobs
 from .tracker import CATEGORIES
 from .units import format_bytes, parse_bytes
 
@@ -23,7 +23,8 @@ def build_report(kind: str, config, plan: dict | None, measured: dict | None = N
 
 def dry_run(config) -> dict:
     """Plan `config` (searching the knobs when it has a budget), write the report into its output
-    folder, print the tables; nothing real is allocated. Returns a summary for the CLI."""
+    folder, print the tables; nothing real is allocated. Returns a summary for the CLI, whose
+    message ends with the whole command that fits when the configuration as given does not."""
     try:
         plan = plan_run(config, search=config.budget is not None, full_depth=config.plan_full_depth)
     except PlanRefused as refusal:  # nothing fits: still show what the configuration as given needs
@@ -37,8 +38,9 @@ def dry_run(config) -> dict:
                     + ([""] + search_table(plan["search"]) if plan.get("search") else [])))
     best = (plan.get("search") or {}).get("best")
     message = (f"dry run: {'fits' if plan['fits'] else 'does not fit'}; needs {format_bytes(plan['total'])}"
-               + (f"; best fit: {flags_of(best)}" if best and not plan["fits"] else "")
                + (f"; {plan['refused']}" if plan.get("refused") else "") + f"; report in {paths[1]}")
+    if best and not plan["fits"]:  # the whole command, ready to paste
+        message += f"\nwhat fits ({best['tokens_per_micro_batch']} tokens per micro-batch): {fitting_command(config, best)}"
     return {"dry_run": True, "fits": plan["fits"], "total": plan["total"], "report": str(paths[1]), "message": message}
 
 
