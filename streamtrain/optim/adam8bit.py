@@ -1,0 +1,129 @@
+"""AdamW on block-wise 8-bit moments, one flat chunk at a time: decode, Adam, encode.
+
+Two implementations of the same update (the backend switch in optim/backend.py picks):
+- eager: decode the chunk of both moments (quant8.dequantize_blockwise), run the fused kernel
+  (optim/fused.py), encode them (quant8.quantize_blockwise). About a dozen passes over memory.
+- compiled: `adam8bit_blocks_` below, written once in plain torch ops and compiled by
+  torch.compile into one loop (C++ from inductor on CPU, Triton on CUDA) that reads each byte of
+  the moments once, runs Adam on the fp32 values in registers and writes the new bytes; the same
+  design as torchao's low-bit optimizers. Its encoder finds the nearest code by table lookup
+  (quant8.nearest_code_by_lookup) instead of bucketize's binary search, with the same codes bit
+  for bit; the Adam arithmetic may round differently from the eager path (an ulp here and there,
+  which can move a value across a code boundary).
+
+The compiled kernel works on whole 256-element blocks, (blocks, 256) views: a chunk's last,
+partial block (only the last chunk of a tensor whose size is not a multiple of 256) goes the
+eager way. The block count is marked dynamic, so one compilation serves every chunk length
+(another is made per dtype of the gradient, and with clipping or found_inf on).
+
+`found_inf` (optional 0-d float tensor): at 1.0 weight, codes and scales stay as they were,
+selected on the device, and the caller keeps the step count (fused.advance_step_).
+"""
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _disable_current_modes
+
+from .backend import record_compile_failure, update_backend
+from .fused import fused_adamw_
+from .quant8 import BLOCK_SIZE, code_lookup_tables, nearest_code_by_lookup
+
+_compiled_kernel = None
+
+
+def adam8bit_blocks_(weight, grad, m_codes, m_absmax, v_codes, v_absmax, m_code, v_code, m_tables, v_tables,
+                     step, lr, decay, clip, found_inf, beta1: float, beta2: float, eps: float) -> None:
+    """One AdamW update in place of `weight` (fp32) and the 8-bit moments, all (blocks, 256)
+    but the (blocks,) scales. 0-d tensors: `step` the advanced 1-based step, `lr`, `decay`
+    = 1 - lr wd, `clip` an optional gradient factor. (Tensors, not Python floats: dynamo would
+    compile anew for every value of a float that enters arithmetic with another float.)"""
+    m = m_code[m_codes.int()] * m_absmax[:, None]          # dequantize_blockwise's arithmetic
+    v = v_code[v_codes.int()] * v_absmax[:, None]
+    g = grad.float() if clip is None else grad.float() * clip
+    m = m.lerp(g, 1 - beta1)
+    v = v * beta2 + g * g * (1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
+    direction = (m / bias_correction1) / (v.sqrt() / bias_correction2_sqrt + eps)
+    new_weight = weight * decay - lr * direction
+    new_m_codes, new_m_absmax = encode_blocks(m, m_tables)
+    new_v_codes, new_v_absmax = encode_blocks(v, v_tables)
+    keep = None if found_inf is None else found_inf > 0
+    for target, value in ((weight, new_weight), (m_codes, new_m_codes), (m_absmax, new_m_absmax),
+                          (v_codes, new_v_codes), (v_absmax, new_v_absmax)):
+        target.copy_(value if found_inf is None else torch.where(keep, target, value))
+
+
+def encode_blocks(blocks: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant8.quantize_blockwise of whole (blocks, 256) fp32 blocks, by table lookup."""
+    absmax = blocks.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    return nearest_code_by_lookup(blocks / scale[:, None], tables).to(torch.uint8), absmax
+
+
+def adam8bit_update_(weight, grad, exp_avg, exp_avg_sq, start: int, step: torch.Tensor, *, lr: float,
+                     betas: tuple[float, float], eps: float, weight_decay: float = 0.0,
+                     clip: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
+    """AdamW on elements [start, start + grad.numel()) of two BlockwiseState8bit moments, and on
+    the matching flat fp32 chunk `weight` (in place). `start` is a multiple of 256."""
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip, found_inf=found_inf)
+    whole = grad.numel() // BLOCK_SIZE * BLOCK_SIZE
+    if whole and update_backend() == "compiled" and compiled_update_(weight[:whole], grad[:whole], exp_avg,
+                                                                      exp_avg_sq, start, step, **hyper):
+        if whole == grad.numel():
+            return
+        weight, grad, start = weight[whole:], grad[whole:], start + whole
+    eager_update_(weight, grad, exp_avg, exp_avg_sq, start, step, **hyper)
+
+
+def eager_update_(weight, grad, exp_avg, exp_avg_sq, start, step, *, lr, betas, eps, weight_decay, clip,
+                  found_inf) -> None:
+    """Decode, the fused kernel, encode: op by op."""
+    end = start + grad.numel()
+    m, v = exp_avg.read_range(start, end), exp_avg_sq.read_range(start, end)
+    g = grad.float() if clip is None else grad.float() * clip
+    fused_adamw_(weight, g, m, v, step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                 found_inf=found_inf)
+    exp_avg.write_range(start, m, found_inf)
+    exp_avg_sq.write_range(start, v, found_inf)
+
+
+def compiled_update_(weight, grad, exp_avg, exp_avg_sq, start, step, **hyper) -> bool:
+    """The compiled kernel on whole blocks; False (nothing changed) when torch.compile fails.
+
+    Tracked or not, a run computes the same bits: under a dispatch mode (the memory tracker) the
+    kernel runs with the mode set aside. That hides nothing the tracker counts, since the kernel
+    updates its inputs in place and allocates no scratch beyond per-block sums. On fake tensors
+    (the planner) there is nothing to compute, and nothing allocated to show."""
+    if any(is_fake(t) for t in (weight, grad, exp_avg.codes)):
+        return True
+    with _disable_current_modes():
+        return run_compiled_kernel(weight, grad, exp_avg, exp_avg_sq, start, step, **hyper)
+
+
+def run_compiled_kernel(weight, grad, exp_avg, exp_avg_sq, start, step, *, lr, betas, eps, weight_decay, clip,
+                        found_inf) -> bool:
+    blocks = slice(start // BLOCK_SIZE, (start + grad.numel()) // BLOCK_SIZE)
+    codes = slice(start, start + grad.numel())
+    device = weight.device
+    args = [weight.view(-1, BLOCK_SIZE), grad.view(-1, BLOCK_SIZE),
+            exp_avg.codes[codes].view(-1, BLOCK_SIZE), exp_avg.absmax[blocks],
+            exp_avg_sq.codes[codes].view(-1, BLOCK_SIZE), exp_avg_sq.absmax[blocks]]
+    for t in args:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    args += [exp_avg.code, exp_avg_sq.code, code_lookup_tables(exp_avg.signed, device),
+             code_lookup_tables(exp_avg_sq.signed, device), step, torch.tensor(lr, device=device),
+             torch.tensor(1 - lr * weight_decay, device=device), clip, found_inf, *betas, eps]
+    try:
+        compiled_kernel()(*args)
+    except Exception as error:  # noqa: BLE001 - a compiler missing or failing: the eager path still works
+        record_compile_failure(error)
+        return False
+    return True
+
+
+def compiled_kernel():
+    """adam8bit_blocks_ under torch.compile, made once per process (dynamo caches the graphs)."""
+    global _compiled_kernel
+    if _compiled_kernel is None:
+        _compiled_kernel = torch.compile(adam8bit_blocks_, dynamic=False)
+    return _compiled_kernel
