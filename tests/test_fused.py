@@ -216,6 +216,17 @@ def test_compiled_8bit_kernel(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(snapshot(compiled, compiled_state), before))
     assert step.item() == 4
 
+    # GaLore's direction from whole 8-bit moments: the same kernel moving a zero weight with lr = -1
+    directions = []
+    for name in ("compiled", "fused"):
+        use(monkeypatch, name)
+        m, v = make_state((32, 256), "8bit", signed=True), make_state((32, 256), "8bit", signed=False)
+        gen = torch.Generator().manual_seed(0)
+        for step in (1, 2):
+            direction = state_adam_direction(torch.randn(32, 256, generator=gen), m, v, step, (0.9, 0.999), 1e-8)
+        directions.append(direction)
+    torch.testing.assert_close(directions[0], directions[1], rtol=1e-5, atol=1e-6)
+
 
 def test_a_failing_compiler_falls_back_to_the_eager_path_once_and_says_so(monkeypatch, caplog):
     def broken():
