@@ -4,17 +4,20 @@ Two implementations of the same update (the backend switch in optim/backend.py p
 - eager: decode the chunk of both moments (quant8.dequantize_blockwise), run the fused kernel
   (optim/fused.py), encode them (quant8.quantize_blockwise). About a dozen passes over memory.
 - compiled: `adam8bit_blocks_` below, written once in plain torch ops and compiled by
-  torch.compile into one loop (C++ from inductor on CPU, Triton on CUDA) that reads each byte of
-  the moments once, runs Adam on the fp32 values in registers and writes the new bytes; the same
-  design as torchao's low-bit optimizers. Its encoder finds the nearest code by table lookup
-  (quant8.nearest_code_by_lookup) instead of bucketize's binary search, with the same codes bit
-  for bit; the Adam arithmetic may round differently from the eager path (an ulp here and there,
-  which can move a value across a code boundary).
+  torch.compile into one kernel (C++ from inductor on CPU, Triton on CUDA) that, block by
+  block, decodes the moments, runs Adam on fp32 values in registers and writes the new bytes
+  and the weight (a block's 256 bytes are read twice from cache: for its new absmax, then to
+  encode); the same design as torchao's low-bit optimizers. Its encoder finds the nearest code
+  by table lookup (quant8.nearest_code_by_lookup) instead of bucketize's binary search, with
+  the same codes bit for bit. Its Adam arithmetic rounds differently from the eager kernels,
+  which use fused multiply-adds (lerp, addcmul) that inductor's CPU code does not: an ulp here
+  and there, which can move a moment across a code boundary (a few elements in a million).
 
-The compiled kernel works on whole 256-element blocks, (blocks, 256) views: a chunk's last,
-partial block (only the last chunk of a tensor whose size is not a multiple of 256) goes the
-eager way. The block count is marked dynamic, so one compilation serves every chunk length
-(another is made per dtype of the gradient, and with clipping or found_inf on).
+The compiled kernel works on whole 256-element blocks, (blocks, 256) views: a tensor's last,
+partial block goes the eager way, whatever the chunking (so chunked and whole updates agree bit
+for bit). The block count is marked dynamic, so one compilation serves every chunk length;
+another is made per dtype of the gradient, and for a chunk of exactly one block (dynamo
+specializes a dimension of 1).
 
 `found_inf` (optional 0-d float tensor): at 1.0 weight, codes and scales stay as they were,
 selected on the device, and the caller keeps the step count (fused.advance_step_).
@@ -31,26 +34,30 @@ _compiled_kernel = None
 
 
 def adam8bit_blocks_(weight, grad, m_codes, m_absmax, v_codes, v_absmax, m_code, v_code, m_tables, v_tables,
-                     step, lr, decay, clip, found_inf, beta1: float, beta2: float, eps: float) -> None:
+                     step, hyper, clip, found_inf) -> None:
     """One AdamW update in place of `weight` (fp32) and the 8-bit moments, all (blocks, 256)
-    but the (blocks,) scales. 0-d tensors: `step` the advanced 1-based step, `lr`, `decay`
-    = 1 - lr wd, `clip` an optional gradient factor. (Tensors, not Python floats: dynamo would
-    compile anew for every value of a float that enters arithmetic with another float.)"""
+    but the (blocks,) scales. 0-d tensors: `step` (the advanced 1-based step), `clip` (a gradient
+    factor, 1 when not clipping), `found_inf` (1: change nothing); `hyper` holds lr, 1 - lr wd,
+    beta1, beta2 and eps in fp64. All are tensors, not Python floats or None, so that one
+    compiled graph serves every value (dynamo compiles anew for each value of a float in float
+    arithmetic, and for None): a run needs one graph per gradient dtype. The scalar arithmetic
+    is fp64 rounded to fp32, as adam_direction's Python floats are."""
+    lr, decay, beta1, beta2, eps = hyper.unbind()
     m = m_code[m_codes.int()] * m_absmax[:, None]          # dequantize_blockwise's arithmetic
     v = v_code[v_codes.int()] * v_absmax[:, None]
-    g = grad.float() if clip is None else grad.float() * clip
-    m = m.lerp(g, 1 - beta1)
-    v = v * beta2 + g * g * (1 - beta2)
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
-    direction = (m / bias_correction1) / (v.sqrt() / bias_correction2_sqrt + eps)
-    new_weight = weight * decay - lr * direction
+    g = grad.float() * clip
+    m = m.lerp(g, (1 - beta1).float())
+    v = v * beta2.float() + (1 - beta2).float() * g * g
+    bias_correction1 = (1 - beta1 ** step).float()
+    bias_correction2_sqrt = (1 - beta2 ** step).sqrt().float()
+    direction = (m / bias_correction1) / (v.sqrt() / bias_correction2_sqrt + eps.float())
+    new_weight = weight * decay.float() - lr.float() * direction
     new_m_codes, new_m_absmax = encode_blocks(m, m_tables)
     new_v_codes, new_v_absmax = encode_blocks(v, v_tables)
-    keep = None if found_inf is None else found_inf > 0
+    keep = found_inf > 0
     for target, value in ((weight, new_weight), (m_codes, new_m_codes), (m_absmax, new_m_absmax),
                           (v_codes, new_v_codes), (v_absmax, new_v_absmax)):
-        target.copy_(value if found_inf is None else torch.where(keep, target, value))
+        target.copy_(torch.where(keep, target, value))
 
 
 def encode_blocks(blocks: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,9 +117,11 @@ def run_compiled_kernel(weight, grad, exp_avg, exp_avg_sq, start, step, *, lr, b
             exp_avg_sq.codes[codes].view(-1, BLOCK_SIZE), exp_avg_sq.absmax[blocks]]
     for t in args:
         torch._dynamo.maybe_mark_dynamic(t, 0)
+    hyper = torch.tensor([lr, 1 - lr * weight_decay, *betas, eps], dtype=torch.float64, device=device)
+    clip = torch.ones((), device=device) if clip is None else clip
+    found_inf = torch.zeros((), device=device) if found_inf is None else found_inf
     args += [exp_avg.code, exp_avg_sq.code, code_lookup_tables(exp_avg.signed, device),
-             code_lookup_tables(exp_avg_sq.signed, device), step, torch.tensor(lr, device=device),
-             torch.tensor(1 - lr * weight_decay, device=device), clip, found_inf, *betas, eps]
+             code_lookup_tables(exp_avg_sq.signed, device), step, hyper, clip, found_inf]
     try:
         compiled_kernel()(*args)
     except Exception as error:  # noqa: BLE001 - a compiler missing or failing: the eager path still works
