@@ -34,37 +34,51 @@ _compiled_kernel = None
 
 
 def adam8bit_blocks_(weight, grad, m_codes, m_absmax, v_codes, v_absmax, m_code, v_code, m_tables, v_tables,
-                     step, hyper, clip, found_inf) -> None:
+                     scalars, clip, found_inf) -> None:
     """One AdamW update in place of `weight` (fp32) and the 8-bit moments, all (blocks, 256)
-    but the (blocks,) scales. 0-d tensors: `step` (the advanced 1-based step), `clip` (a gradient
-    factor, 1 when not clipping), `found_inf` (1: change nothing); `hyper` holds lr, 1 - lr wd,
-    beta1, beta2 and eps in fp64. All are tensors, not Python floats or None, so that one
-    compiled graph serves every value (dynamo compiles anew for each value of a float in float
-    arithmetic, and for None): a run needs one graph per gradient dtype. The scalar arithmetic
-    is fp64 rounded to fp32, as adam_direction's Python floats are."""
-    lr, decay, beta1, beta2, eps = hyper.unbind()
+    but the (blocks,) scales. `scalars` is kernel_scalars(...); 0-d tensors: `clip` (a gradient
+    factor, 1 when not clipping), `found_inf` (1: change nothing). Tensors, not Python floats
+    or None, so that one compiled graph serves every value (dynamo compiles anew for each value
+    of a float in float arithmetic, and for None): a run needs one graph per gradient dtype."""
+    lr, decay, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction1, bias_correction2_sqrt = (
+        scalars.unbind())
     m = m_code[m_codes.int()] * m_absmax[:, None]          # dequantize_blockwise's arithmetic
     v = v_code[v_codes.int()] * v_absmax[:, None]
     g = grad.float() * clip
-    m = m.lerp(g, (1 - beta1).float())
-    v = v * beta2.float() + (1 - beta2).float() * g * g
-    bias_correction1 = (1 - beta1 ** step).float()
-    bias_correction2_sqrt = (1 - beta2 ** step).sqrt().float()
-    direction = (m / bias_correction1) / (v.sqrt() / bias_correction2_sqrt + eps.float())
-    new_weight = weight * decay.float() - lr.float() * direction
+    m = m.lerp(g, one_minus_beta1)
+    v = v * beta2 + one_minus_beta2 * g * g
+    direction = (m / bias_correction1) / (v.sqrt() / bias_correction2_sqrt + eps)
+    new_weight = weight * decay - lr * direction
     new_m_codes, new_m_absmax = encode_blocks(m, m_tables)
     new_v_codes, new_v_absmax = encode_blocks(v, v_tables)
     keep = found_inf > 0
+    # codes are selected as int32 (inductor's CPU code blends uint8 vectors slowly), then narrowed
     for target, value in ((weight, new_weight), (m_codes, new_m_codes), (m_absmax, new_m_absmax),
                           (v_codes, new_v_codes), (v_absmax, new_v_absmax)):
-        target.copy_(torch.where(keep, target, value))
+        old = target.int() if target.dtype == torch.uint8 else target
+        target.copy_(torch.where(keep, old, value).to(target.dtype))
+
+
+def kernel_scalars(step: torch.Tensor, lr: float, weight_decay: float, betas: tuple[float, float],
+                   eps: float) -> torch.Tensor:
+    """The kernel's scalars on the step's device: lr, 1 - lr wd, 1 - beta1, beta2, 1 - beta2, eps
+    and the bias corrections 1 - beta1^t and sqrt(1 - beta2^t), in fp64 rounded to fp32 as
+    adam_direction's Python floats are. A few 0-d ops per chunk, read by the step tensor on
+    its device (no host sync), instead of a power per element in the kernel."""
+    beta1, beta2 = betas
+    constants = torch.tensor([lr, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps],
+                             dtype=torch.float64, device=step.device)
+    t = step.double()
+    corrections = torch.stack([1 - beta1 ** t, (1 - beta2 ** t).sqrt()])
+    return torch.cat([constants, corrections]).float()
 
 
 def encode_blocks(blocks: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor]:
-    """quant8.quantize_blockwise of whole (blocks, 256) fp32 blocks, by table lookup."""
+    """quant8.quantize_blockwise of whole (blocks, 256) fp32 blocks, by table lookup: (int32
+    code indices, fp32 absmax per block)."""
     absmax = blocks.abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    return nearest_code_by_lookup(blocks / scale[:, None], tables).to(torch.uint8), absmax
+    return nearest_code_by_lookup(blocks / scale[:, None], tables), absmax
 
 
 def adam8bit_update_(weight, grad, exp_avg, exp_avg_sq, start: int, step: torch.Tensor, *, lr: float,
@@ -117,11 +131,11 @@ def run_compiled_kernel(weight, grad, exp_avg, exp_avg_sq, start, step, *, lr, b
             exp_avg_sq.codes[codes].view(-1, BLOCK_SIZE), exp_avg_sq.absmax[blocks]]
     for t in args:
         torch._dynamo.maybe_mark_dynamic(t, 0)
-    hyper = torch.tensor([lr, 1 - lr * weight_decay, *betas, eps], dtype=torch.float64, device=device)
     clip = torch.ones((), device=device) if clip is None else clip
     found_inf = torch.zeros((), device=device) if found_inf is None else found_inf
     args += [exp_avg.code, exp_avg_sq.code, code_lookup_tables(exp_avg.signed, device),
-             code_lookup_tables(exp_avg_sq.signed, device), step, hyper, clip, found_inf]
+             code_lookup_tables(exp_avg_sq.signed, device), kernel_scalars(step, lr, weight_decay, betas, eps),
+             clip, found_inf]
     try:
         compiled_kernel()(*args)
     except Exception as error:  # noqa: BLE001 - a compiler missing or failing: the eager path still works
