@@ -13,7 +13,7 @@ from streamtrain.methods import assign_rules
 from streamtrain.optim import adam8bit, backend
 from streamtrain.optim.adam import adam_direction
 from streamtrain.optim.fused import advance_step_, fused_adamw_, step_tensor
-from streamtrain.optim.quant8 import (BLOCK_SIZE, BlockwiseState8bit, code_lookup_tables, code_map,
+from streamtrain.optim.quant8 import (BLOCK_SIZE, BlockwiseState8bit, code_lookup_table, code_map,
                                       nearest_code_boundaries, nearest_code_by_lookup, quantize_blockwise)
 from streamtrain.optim.state import make_state
 from streamtrain.optim.state_adam import state_adam_direction
@@ -176,7 +176,7 @@ def test_lookup_encoder_equals_bucketize_on_every_boundary_and_special_value(sig
                    torch.randn(100_000) * torch.logspace(-45, 1, 100_000),
                    torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, torch.inf, -torch.inf, torch.nan, 1e-45, -3e38]),
                    torch.tensor([-1], dtype=torch.int32).view(torch.float32)])  # a NaN with the sign bit set
-    assert torch.equal(nearest_code_by_lookup(x, code_lookup_tables(signed)),
+    assert torch.equal(nearest_code_by_lookup(x, code_lookup_table(signed)),
                        torch.bucketize(x, boundaries, out_int32=True))
 
 
@@ -194,7 +194,7 @@ def test_compiled_8bit_kernel(monkeypatch):
     for signed in (True, False):
         x = hard_tensor(signed)  # zero block, outlier, tiny, ties, a partial last block of 77
         padded = torch.nn.functional.pad(x, (0, -x.numel() % BLOCK_SIZE)).view(-1, BLOCK_SIZE)
-        codes, absmax = torch.compile(adam8bit.encode_blocks, dynamic=False)(padded, code_lookup_tables(signed))
+        codes, absmax = torch.compile(adam8bit.encode_blocks, dynamic=False)(padded, code_lookup_table(signed))
         eager_codes, eager_absmax = quantize_blockwise(x, code_map(signed))
         assert torch.equal(codes.view(-1)[:x.numel()].to(torch.uint8), eager_codes)
         assert torch.equal(absmax, eager_absmax)

@@ -28,12 +28,12 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .backend import record_compile_failure, update_backend
 from .fused import fused_adamw_
-from .quant8 import BLOCK_SIZE, code_lookup_tables, nearest_code_by_lookup
+from .quant8 import BLOCK_SIZE, code_lookup_table, nearest_code_by_lookup
 
 _compiled_kernel = None
 
 
-def adam8bit_blocks_(weight, grad, m_codes, m_absmax, v_codes, v_absmax, m_code, v_code, m_tables, v_tables,
+def adam8bit_blocks_(weight, grad, m_codes, m_absmax, v_codes, v_absmax, m_code, v_code, m_table, v_table,
                      scalars, clip, found_inf) -> None:
     """One AdamW update in place of `weight` (fp32) and the 8-bit moments, all (blocks, 256)
     but the (blocks,) scales. `scalars` is kernel_scalars(...); 0-d tensors: `clip` (a gradient
@@ -49,8 +49,8 @@ def adam8bit_blocks_(weight, grad, m_codes, m_absmax, v_codes, v_absmax, m_code,
     v = v * beta2 + one_minus_beta2 * g * g
     direction = (m / bias_correction1) / (v.sqrt() / bias_correction2_sqrt + eps)
     new_weight = weight * decay - lr * direction
-    new_m_codes, new_m_absmax = encode_blocks(m, m_tables)
-    new_v_codes, new_v_absmax = encode_blocks(v, v_tables)
+    new_m_codes, new_m_absmax = encode_blocks(m, m_table)
+    new_v_codes, new_v_absmax = encode_blocks(v, v_table)
     keep = found_inf > 0
     # codes are selected as int32 (inductor's CPU code blends uint8 vectors slowly), then narrowed
     for target, value in ((weight, new_weight), (m_codes, new_m_codes), (m_absmax, new_m_absmax),
@@ -73,12 +73,12 @@ def kernel_scalars(step: torch.Tensor, lr: float, weight_decay: float, betas: tu
     return torch.cat([constants, corrections]).float()
 
 
-def encode_blocks(blocks: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_blocks(blocks: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quant8.quantize_blockwise of whole (blocks, 256) fp32 blocks, by table lookup: (int32
     code indices, fp32 absmax per block)."""
     absmax = blocks.abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    return nearest_code_by_lookup(blocks / scale[:, None], tables), absmax
+    return nearest_code_by_lookup(blocks / scale[:, None], table), absmax
 
 
 def adam8bit_update_(weight, grad, exp_avg, exp_avg_sq, start: int, step: torch.Tensor, *, lr: float,
@@ -133,8 +133,8 @@ def run_compiled_kernel(weight, grad, exp_avg, exp_avg_sq, start, step, *, lr, b
         torch._dynamo.maybe_mark_dynamic(t, 0)
     clip = torch.ones((), device=device) if clip is None else clip
     found_inf = torch.zeros((), device=device) if found_inf is None else found_inf
-    args += [exp_avg.code, exp_avg_sq.code, code_lookup_tables(exp_avg.signed, device),
-             code_lookup_tables(exp_avg_sq.signed, device), kernel_scalars(step, lr, weight_decay, betas, eps),
+    args += [exp_avg.code, exp_avg_sq.code, code_lookup_table(exp_avg.signed, device),
+             code_lookup_table(exp_avg_sq.signed, device), kernel_scalars(step, lr, weight_decay, betas, eps),
              clip, found_inf]
     try:
         compiled_kernel()(*args)

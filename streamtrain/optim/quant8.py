@@ -62,11 +62,15 @@ def nearest_code_boundaries(code: torch.Tensor) -> torch.Tensor:
 # element. The same answer comes from one lookup: cut the fp32 line into cells by the sign, the
 # exponent and the top LOOKUP_MANTISSA_BITS mantissa bits of the value's bit pattern. A cell is an
 # interval of values, too narrow to hold two boundaries, so its nearest code is its lower end's
-# code, plus one above the boundary inside it (if any). The table is built by bucketize itself.
+# code, plus one above the boundary inside it (if any). A boundary inside a cell shares the
+# cell's high bits, so comparing the 15 low bits decides; one int32 entry per cell holds the
+# base code (high half) and those 15 bits (low half). The table is built by bucketize itself.
 LOOKUP_MANTISSA_BITS = 8            # cells <= 0.4% of their value wide; boundaries >= 0.7% apart
 LOOKUP_EXPONENTS = (103, 127)       # [2^-24, 2): smaller magnitudes share one cell (all boundaries
                                     # exceed 1.6e-7), larger ones (and inf) share the top cell
-_LOOKUP_TABLES: dict = {}           # (signed, device) -> (cell base code int32, cell boundary fp32)
+LOW_BITS = 23 - LOOKUP_MANTISSA_BITS
+LOW_MASK = (1 << LOW_BITS) - 1      # also the threshold of a cell without a boundary: never exceeded
+_LOOKUP_TABLES: dict = {}           # (signed, device) -> int32 table
 
 
 def _cell_count() -> int:
@@ -77,17 +81,16 @@ def _cell_count() -> int:
 def _cell_magnitudes() -> tuple[torch.Tensor, torch.Tensor]:
     """The smallest and largest fp32 magnitude of every cell (the first and last cells reach
     down to 0 and up to inf)."""
-    shift = 23 - LOOKUP_MANTISSA_BITS
     first_key = LOOKUP_EXPONENTS[0] << LOOKUP_MANTISSA_BITS
     keys = torch.arange(_cell_count(), dtype=torch.int64) + first_key
-    low_bits, high_bits = keys << shift, ((keys + 1) << shift) - 1
+    low_bits, high_bits = keys << LOW_BITS, ((keys + 1) << LOW_BITS) - 1
     low_bits[0], high_bits[-1] = 0, 0x7F800000  # +0.0 and +inf
     return low_bits.to(torch.int32).view(torch.float32), high_bits.to(torch.int32).view(torch.float32)
 
 
-def code_lookup_tables(signed: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base, boundary), each of 2 x cells entries (positive cells, then negative ones): the
-    nearest code of x is base[cell(x)] + (x > boundary[cell(x)]), bucketize's answer exactly."""
+def code_lookup_table(signed: bool, device=None) -> torch.Tensor:
+    """int32 entries, positive cells then negative ones: base code << 16 | threshold, where the
+    threshold is the boundary's low 15 bits in the cell's order (see _order_in_cell)."""
     key = (signed, torch.device(device if device is not None else "cpu"))
     if key not in _LOOKUP_TABLES:
         boundaries = nearest_code_boundaries(dynamic_code_map(signed))
@@ -97,21 +100,27 @@ def code_lookup_tables(signed: bool, device=None) -> tuple[torch.Tensor, torch.T
         base = torch.bucketize(lowest, boundaries, out_int32=True)
         top = torch.bucketize(highest, boundaries, out_int32=True)
         assert int((top - base).max()) <= 1, "a lookup cell holds two code boundaries; raise LOOKUP_MANTISSA_BITS"
-        boundary = torch.where(top > base, boundaries[base.clamp(max=254).long()], torch.inf)
-        _LOOKUP_TABLES[key] = (base.to(key[1]), boundary.to(key[1]))
+        inside = _order_in_cell(boundaries[base.clamp(max=254).long()].view(torch.int32))
+        threshold = torch.where(top > base, inside, LOW_MASK)
+        _LOOKUP_TABLES[key] = ((base << 16) | threshold).to(key[1])
     return _LOOKUP_TABLES[key]
 
 
-def nearest_code_by_lookup(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _order_in_cell(bits: torch.Tensor) -> torch.Tensor:
+    """The low 15 bits of fp32 patterns, flipped for negative values, so that within one cell a
+    larger value has a larger result."""
+    return (bits & LOW_MASK) ^ ((bits >> 31) & LOW_MASK)
+
+
+def nearest_code_by_lookup(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """int32 index of the code nearest to each element of fp32 `x` (x / absmax of its block):
     bit for bit what bucketize over nearest_code_boundaries gives, NaN included (code 255)."""
-    base, boundary = tables
     bits = x.view(torch.int32)
-    magnitude_key = (bits & 0x7FFFFFFF) >> (23 - LOOKUP_MANTISSA_BITS)
     first_key = LOOKUP_EXPONENTS[0] << LOOKUP_MANTISSA_BITS
-    cell = (magnitude_key - first_key).clamp(0, _cell_count() - 1) + (bits < 0).int() * _cell_count()
-    cell = cell.long()
-    index = base[cell] + (x > boundary[cell]).int()
+    cell = ((bits & 0x7FFFFFFF) >> LOW_BITS) - first_key
+    cell = cell.clamp(0, _cell_count() - 1) + (bits < 0).int() * _cell_count()
+    entry = table[cell.long()]
+    index = (entry >> 16) + (_order_in_cell(bits) > (entry & 0xFFFF)).int()
     return torch.where(torch.isnan(x), 255, index)
 
 
