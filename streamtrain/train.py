@@ -20,6 +20,7 @@ from .data import TokenDataset, data_identity, data_summary, load_corpus, tokeni
 from .engine import NonFiniteError, unique
 from .hf import copy_generation_config, is_model_folder, save_hf, save_tokenizer_files, unique_tensors
 from .logbook import Logbook, plan_lines
+from .optim.backend import describe_backend
 from .memory.planner import check_offload, plan_before_training
 from .memory.profiler import BudgetExceeded, RunProfiler
 from .memory.report import build_report, dry_run, write_report
@@ -113,7 +114,8 @@ class Trainer:
             if removed:
                 print(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {self.out}", file=sys.stderr)
         print(f"run folder: {self.out}", flush=True)
-        print("\n".join(plan_lines(self.plan, c) + self.data_summary), flush=True)  # stdout: stderr is for errors
+        print("\n".join(plan_lines(self.plan, c) + [f"updates: {describe_backend()}"] + self.data_summary),
+              flush=True)  # stdout: stderr is for errors
         if self.resume_from is not None:
             trim_metrics(self.out / "metrics.jsonl", self.engine.step)
         # the run's own config, under a name no HF tool reads (an HF folder's config.json is the model's)

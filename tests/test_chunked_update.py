@@ -115,6 +115,8 @@ def reference_adamw_update(param, grad, state, ctx, betas=(0.9, 0.999), eps=1e-8
 @pytest.mark.parametrize("states", ["fp32", "8bit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_adamw_chunked_equals_the_whole_tensor_reference(monkeypatch, states, dtype):
+    # the reference backend's ops, chunked; the fused kernels round differently (test_fused.py)
+    monkeypatch.setenv("STREAMTRAIN_UPDATE_BACKEND", "reference")
     rule = AdamW(states=states)
     rule.update = lambda p, g, s, ctx: reference_adamw_update(p, g, s, ctx)
     reference = train(rule, (67, 64), dtype, SMALL_CHUNK, monkeypatch, clip=30.0)
@@ -195,8 +197,10 @@ def test_galore_row_chunks_with_svd_bases_agree_to_matmul_rounding(monkeypatch, 
 
 def update_scratch_bytes(numel, chunk, monkeypatch, norm_growth=None):
     """Peak bytes of temporaries of one AdamW update (8-bit states, bf16 weight and gradient:
-    every conversion the update can make) of a `numel`-element weight."""
+    every conversion the update can make) of a `numel`-element weight, by the reference ops
+    (the fused kernel keeps none: test_fused.py)."""
     monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setenv("STREAMTRAIN_UPDATE_BACKEND", "reference")
     rule = AdamW(states="8bit")
     param = torch.randn(numel).to(torch.bfloat16)
     grad = torch.randn(numel).to(torch.bfloat16)

@@ -11,13 +11,26 @@ computed before the chunks without a copy. The norm-growth limiter needs the nor
 update before any chunk may move: when it is on, a first pass runs Adam on copies of the moment
 chunks only to sum the update's norm, and the second pass commits. That doubles Adam's compute
 for this rule (not the memory); it is the price of a bounded peak with the limiter on.
+
+Backends (optim/backend.py). `reference` runs adam_direction and update_weight on each chunk.
+`fused` and `compiled` run PyTorch's fused AdamW kernel on each chunk (optim/fused.py): the
+moment chunks of an fp32 state are views, so it updates them in place; bf16 moments and bf16
+weights are worked on as fp32 copies and written back (a bf16 weight with stochastic rounding,
+drawing the same noise as the reference path). 8-bit moments go through optim/adam8bit.py (one
+compiled kernel under `compiled`). Clipping scales the gradient chunk before the kernel. The
+norm-growth limiter always takes the reference path: its factor needs the whole update's norm
+(the first pass) before the kernel may move any weight.
 """
 import torch
 
 from ..optim.adam import adam_direction
+from ..optim.adam8bit import adam8bit_update_
+from ..optim.backend import update_backend
 from ..optim.chunks import block_square_sums, flat_chunks, flat_view
 from ..optim.clip import growth_factor
-from ..optim.quant8 import BLOCK_SIZE, num_blocks
+from ..optim.fused import fused_adamw_, step_tensor
+from ..optim.quant8 import BLOCK_SIZE, BlockwiseState8bit, num_blocks
+from ..optim.rounding import write_weight
 from ..optim.state import make_state, working, working_dtype
 from .base import Rule, add_to_buffer, clip_scale, common_state, take_step_gradient, update_weight
 
@@ -43,9 +56,18 @@ class AdamW(Rule):
         grad_sq = torch.linalg.vector_norm(g, dtype=working_dtype(g)).square()
         clip = clip_scale(g, ctx)
         state["step"] += 1
-        g = g.reshape(-1)
+        g, weight = g.reshape(-1), flat_view(param)
+        if ctx.norm_growth or update_backend() == "reference":
+            self.reference_update(weight, g, clip, state, ctx)
+        else:
+            step = step_tensor(state["step"], param.device)
+            for start, end in flat_chunks(g.numel()):
+                self.fused_chunk(weight[start:end], g[start:end], clip, state, start, step, ctx)
+        return grad_sq
+
+    def reference_update(self, weight, g, clip, state, ctx) -> None:
+        """adam_direction and update_weight on each chunk (the growth limiter's first pass first)."""
         growth = self.growth_scale(g, clip, state, ctx) if ctx.norm_growth else None
-        weight = flat_view(param)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         for start, end in flat_chunks(g.numel()):
             m_chunk, v_chunk = m.read_range(start, end), v.read_range(start, end)
@@ -53,7 +75,26 @@ class AdamW(Rule):
             m.write_range(start, m_chunk)
             v.write_range(start, v_chunk)
             update_weight(weight[start:end], direction, ctx, growth)
-        return grad_sq
+
+    def fused_chunk(self, weight, grad, clip, state, start, step, ctx, found_inf=None) -> None:
+        """One chunk through the fused kernel (dense moments) or the 8-bit update, on an fp32
+        (or fp64) weight chunk: a bf16 weight's chunk is copied up and rounded back. `step` is
+        the advanced step as a tensor; with `found_inf` at 1.0 nothing changes (fused.py)."""
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        work = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
+        hyper = dict(lr=ctx.lr, betas=self.betas, eps=self.eps, weight_decay=ctx.weight_decay,
+                     found_inf=found_inf)
+        if isinstance(m, BlockwiseState8bit):
+            adam8bit_update_(work, grad, m, v, start, step, clip=clip, **hyper)
+        else:
+            end = start + grad.numel()
+            m_chunk, v_chunk = m.read_range(start, end), v.read_range(start, end)
+            g = working(grad) if clip is None else working(grad) * clip
+            fused_adamw_(work, g, m_chunk, v_chunk, step, **hyper)
+            m.write_range(start, m_chunk)
+            v.write_range(start, v_chunk)
+        if work is not weight:
+            write_weight(weight, work, ctx.stochastic_rounding)
 
     def chunk_direction(self, grad_chunk, clip, m_chunk, v_chunk, step):
         """Adam's direction for one chunk; updates the moment chunks in place."""

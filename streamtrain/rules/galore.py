@@ -24,12 +24,12 @@ import math
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from ..optim.adam import adam_direction
 from ..optim.chunks import row_chunks
 from ..optim.clip import growth_factor
 from ..optim.projector import (SVD_METHODS, low_rank_view, project, project_back_rows, projected_shape,
                                 projection_side, randomized_basis, svd_basis)
 from ..optim.state import make_state, working
+from ..optim.state_adam import state_adam_direction
 from .base import Rule, add_to_buffer, common_state, maybe_clip, take_buffer, update_weight
 
 SUBSPACE_SOURCES = ("first_micro_batch", "full_step")
@@ -147,11 +147,8 @@ class GaLore(Rule):
         low = maybe_clip(low, ctx)
         state["step"] += 1
         rank, side = state["rank"], state["side"]
-        m, v = state["exp_avg"].read(), state["exp_avg_sq"].read()
-        low_direction = adam_direction(low, low_rank_view(m, rank, side), low_rank_view(v, rank, side),
-                                       state["step"], *self.betas, self.eps)
-        state["exp_avg"].write(m)
-        state["exp_avg_sq"].write(v)
+        low_direction = state_adam_direction(low, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                             self.betas, self.eps, lambda t: low_rank_view(t, rank, side))
         self.apply_low_rank(param, low_direction, state, ctx)
 
     def apply_low_rank(self, param, low_direction, state, ctx) -> None:
