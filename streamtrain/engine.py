@@ -7,13 +7,16 @@ One logical step, as data flows:
           autograd finishes p.grad  ->  hook(p):
               the first hook of a backward queues end_backward on autograd's engine
               grad = p.grad; p.grad = None              # the full gradient is ours, then gone
-              skip it if the step already saw a non-finite value
+              found_inf |= grad is not finite           # on the device: no host read per hook
               micro-batch < k-1: rule.accumulate(p, grad, state)   # e.g. GaLore keeps P^T G only
                                                                    # (on the device, or in host RAM)
-              micro-batch = k-1: rule.update(p, grad, state)       # the one update of the step
+              micro-batch = k-1: rule.update(p, grad, state)       # the one update of the step; a
+                                                                   # no-op on the device once found_inf
+              (data parallel: rule.step_gradient -> bucketed async all-reduce -> rule.apply)
           end_backward (autograd runs it when the whole backward is done): the micro-batch counts;
           after the k-th: finish_step()
-              every rule's end_step (ReLoRA merges), the clock advances, a StepReport is kept
+              one host read (found_inf, loss, grad norm); a bad step's buffers are dropped,
+              else every rule's end_step (ReLoRA merges); the clock advances, a StepReport is kept
 
 So a plain `loss.backward()` drives the engine (HF Trainer, accelerate and Lightning call
 nothing else; they scale the loss by 1/k themselves, as with torch.optim), and `engine.backward`
@@ -28,6 +31,7 @@ torch.optim.lr_scheduler (or HF's) schedulers set it.
 `state_dict()` / `load_state_dict()` hold everything a run needs to continue bit for bit, in
 memory and keyed by parameter name (checkpoint.py serialises it; HF Trainer torch.saves it).
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -64,7 +68,7 @@ class Engine:
                  accumulate: int = 1, weight_decay: float = 0.0, clip_per_tensor: float | None = None,
                  norm_growth: float | None = None, stochastic_rounding: bool = True,
                  skip_nonfinite: bool = True, max_nonfinite_in_row: int = 10,
-                 offload_accumulation: bool = False):
+                 offload_accumulation: bool = False, reducer=None):
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         self.model = model
@@ -79,6 +83,12 @@ class Engine:
         self.max_nonfinite_in_row = max_nonfinite_in_row
         # accumulation buffers in host RAM: the GPU keeps only the current micro-batch's gradient
         self.buffer_device = torch.device("cpu") if offload_accumulation else None
+        # data parallelism: averages each step gradient across ranks (distributed/reducer.py)
+        self.reducer = reducer
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError("the model is wrapped in DistributedDataParallel, whose reducer reads gradients the "
+                             "engine's hooks have already consumed (the replicas would silently diverge); pass the "
+                             "bare model and a reducer (streamtrain.distributed) instead")
         self.states: dict[str, dict] = {}
         self.listeners = []     # objects with optional on_hook(engine, name, phase) / on_step_end(engine, report)
         self.step = 0           # logical steps completed
@@ -140,21 +150,45 @@ class Engine:
             raise RuntimeError(f"gradient hook for {name} fired twice in one backward "
                                "(reentrant checkpointing or a reused graph?)")
         self._seen_this_backward.add(name)
-        if self._step_bad or (self.skip_nonfinite and not is_finite(grad)):
-            self._step_bad = True
-            return
         rule, state = self.rules[name], self.states[name]
         ctx = self.contexts[id(rule)]
         self._touched.add(name)
-        self._notify("on_hook", name, "before")
-        with torch.no_grad():
-            if ctx.is_last:
-                self._grad_sq = self._grad_sq + rule.update(param, grad, state, ctx)
-                self._updated.append(name)
-            else:
-                rule.accumulate(param, grad, state, ctx)
+        for listener in self._hook_listeners:
+            listener(self, name, "before")
+        if self.reducer is None:
+            self._flag_nonfinite(grad)  # (data parallel: checked after the reduction, alike on every rank)
+        if not ctx.is_last:
+            rule.accumulate(param, grad, state, ctx)
+        elif self.reducer is None:
+            self._record_update(name, rule.update(param, grad, state, ctx))
+        else:
+            self.reducer.add(rule.step_gradient(param, grad, state, ctx),
+                             functools.partial(self._apply_reduced, name, param, rule, state, ctx), param.numel())
         del grad
-        self._notify("on_hook", name, "after")
+        for listener in self._hook_listeners:
+            listener(self, name, "after")
+
+    def _apply_reduced(self, name, param, rule, state, ctx, step_grad) -> None:
+        """A step gradient averaged across ranks has landed: check it, apply it."""
+        self._flag_nonfinite(step_grad)
+        self._record_update(name, rule.apply(param, step_grad, state, ctx))
+
+    def _flag_nonfinite(self, t: torch.Tensor) -> None:
+        """found_inf |= `t` holds a NaN or Inf, on the device (one reduction: a NaN or Inf anywhere
+        makes the sum non-finite, and so does a sum past fp32's range, no usable gradient either)."""
+        if not self.skip_nonfinite:
+            return
+        if self._found_inf is None:
+            self._found_inf = torch.zeros((), dtype=torch.float32, device=t.device)
+            for ctx in self.contexts.values():
+                ctx.found_inf = self._found_inf
+        bad = torch.isfinite(t.detach().sum(dtype=torch.float32)).logical_not().float()
+        torch.maximum(self._found_inf, bad.to(self._found_inf.device), out=self._found_inf)
+
+    def _record_update(self, name: str, grad_sq: torch.Tensor) -> None:
+        self._grad_sq = self._grad_sq + grad_sq
+        # whether the step was still clean when this parameter moved (read only if the step turns bad)
+        self._updated.append((name, None if self._found_inf is None else self._found_inf.clone()))
 
     def _begin_backward(self) -> None:
         """The first hook of a backward pass: this micro-batch's contexts, and the callback that
@@ -163,10 +197,15 @@ class Engine:
         self._seen_this_backward = set()
         self.context = self._context()
         self.contexts = self._rule_contexts()
+        for ctx in self.contexts.values():
+            ctx.found_inf, ctx.collective = self._found_inf, self.reducer
+        self._hook_listeners = [getattr(x, "on_hook") for x in self.listeners if hasattr(x, "on_hook")]
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
     def _end_backward(self) -> None:
         self._in_backward = False
+        if self.reducer is not None:  # the last bucket goes out; every reduced update lands
+            self.reducer.flush()
         self._count_micro_batch()
 
     def _count_micro_batch(self) -> None:
@@ -185,27 +224,30 @@ class Engine:
         loss_value = loss.detach().float()
         self._loss_sum = self._loss_sum + loss_value
         self._losses += 1
-        if self.skip_nonfinite and not bool(torch.isfinite(loss_value)):
-            self._step_bad = True
+        if self.reducer is None:  # (data parallel: a local NaN reaches every rank through the reduction)
+            self._flag_nonfinite(loss_value)
         backwards, step = self._backwards, self.step
-        if not self._step_bad:
-            (loss / self.accumulate).backward()
-        if self._backwards == backwards:  # no hook fired (a skipped or gradient-free micro-batch)
+        (loss / self.accumulate).backward()
+        if self._backwards == backwards:  # no hook fired (a gradient-free micro-batch)
             self._seen_this_backward = set()
             self._count_micro_batch()
         return self.last_report if self.step != step else None
 
     def finish_step(self) -> StepReport:
-        """The logical step boundary: flush, end_step of every rule, advance the clock."""
+        """The logical step boundary: the owed updates, the one host read of the step, end_step of
+        every rule (unless the step was bad), advance the clock."""
         ctx = self._context(micro_index=self.accumulate - 1)
+        self._update_without_last_grad()
+        found_inf, loss_sum, grad_sq = self._read_step()
+        self._step_bad = found_inf > 0
         if self._step_bad:
             for state in self.states.values():
                 discard_buffers(state)
+            self._take_back_masked_updates()
         else:
-            self._update_without_last_grad(ctx)
             for rule in unique(self.rules.values()):
                 rule.end_step(self)
-        report = self._report(ctx)
+        report = self._report(ctx, loss_sum, grad_sq)
         self.step += 1
         self._new_step()
         self._notify("on_step_end", report)
@@ -224,31 +266,62 @@ class Engine:
         self.last_report = self.finish_step()
         return self.last_report
 
-    def _update_without_last_grad(self, ctx) -> None:
+    def _update_without_last_grad(self) -> None:
         # a parameter that got gradients earlier in the step but none in the last micro-batch
-        # still owes its update (its buffer must not leak into the next step)
+        # still owes its update (its buffer must not leak into the next step); no-ops on the
+        # device if the step turns out bad
+        owed = self._touched - self._seen_this_backward
+        if not owed:
+            return
         contexts = self._rule_contexts(micro_index=self.accumulate - 1)
-        for name in self._touched - self._seen_this_backward:
+        for ctx in contexts.values():
+            ctx.found_inf = self._found_inf
+        for name in sorted(owed, key=list(self.params).index):
             p, rule = self.params[name], self.rules[name]
             with torch.no_grad():
-                self._grad_sq = self._grad_sq + rule.update(p, torch.zeros_like(p), self.states[name],
-                                                            contexts[id(rule)])
+                self._record_update(name, rule.update(p, torch.zeros_like(p), self.states[name], contexts[id(rule)]))
 
-    def _report(self, ctx) -> StepReport:
+    def _read_step(self) -> tuple[float, float, float]:
+        """(found_inf, loss sum, squared grad norm) on the host: the step's one synchronisation
+        (under data parallelism the loss is averaged over ranks first, in the same read). NaN
+        values and a clean flag on fake tensors (the planner)."""
+        device = self._grad_sq.device if self._found_inf is None else self._found_inf.device
+        flag = torch.zeros((), device=device) if self._found_inf is None else self._found_inf
+        values = torch.stack([flag, self._loss_sum.to(device), self._grad_sq.to(device).float()])
+        if self.reducer is not None:
+            values[1] = self.reducer.mean(values[1])
+        if is_fake(values):
+            return 0.0, math.nan, math.nan
+        return tuple(values.tolist())
+
+    def _take_back_masked_updates(self) -> None:
+        """A bad step's updates made after its non-finite value were no-ops on the device: their
+        rules' update counts (Adam's bias correction) go back too."""
+        if not self._updated:
+            return
+        masked = torch.stack([flag for _, flag in self._updated]).tolist()
+        for (name, _), was_masked in zip(self._updated, masked):
+            if was_masked and "step" in self.states[name]:
+                self.states[name]["step"] -= 1
+            elif not was_masked:
+                self._moved.append(name)
+
+    def _report(self, ctx, loss_sum: float, grad_sq: float) -> StepReport:
         skipped = self._step_bad
         self.nonfinite_total += skipped
         self.nonfinite_in_row = self.nonfinite_in_row + 1 if skipped else 0
         # the mean loss of the micro-batches engine.backward saw (NaN with plain loss.backward())
-        loss = value_of(self._loss_sum) / self._losses if self._losses else math.nan
-        grad_norm = math.nan if skipped else math.sqrt(value_of(self._grad_sq))
+        loss = loss_sum / self._losses if self._losses else math.nan
+        grad_norm = math.nan if skipped else math.sqrt(grad_sq)
         partial = self._changed_anyway(ctx.step) if skipped else ()
         return StepReport(ctx.step, loss, ctx.lr, grad_norm, skipped, self.nonfinite_total, partial)
 
     def _changed_anyway(self, step: int) -> tuple:
         """The parameters a skipped step changed before its non-finite value was found: updated in
-        the last micro-batch, or given a new subspace (refresh_step == step) in the first."""
+        the last micro-batch while the step still looked clean, or given a new subspace
+        (refresh_step == step) in the first."""
         refreshed = [n for n, state in self.states.items() if state.get("refresh_step") == step]
-        return tuple(sorted(set(self._updated) | set(refreshed)))
+        return tuple(sorted(set(self._moved) | set(refreshed)))
 
     # -- clock and context ---------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -279,13 +352,16 @@ class Engine:
     def _new_step(self) -> None:
         self.micro_index = 0
         self._step_bad = False
+        self._found_inf = None    # the step's non-finite flag on the device, made by the first check
         self._touched = set()
-        self._updated = []
+        self._updated = []        # (name, found_inf when it moved) of the last micro-batch's updates
+        self._moved = []
         self._seen_this_backward = set()
         self._grad_sq = torch.zeros(())
         self._loss_sum = torch.zeros(())
         self._losses = 0
         self._in_backward = False
+        self._hook_listeners = []
         self.context = self._context()
         self.contexts = self._rule_contexts()
 
@@ -355,12 +431,6 @@ def value_of(t: torch.Tensor) -> float:
     """A 0-d tensor as a float; NaN for fake tensors (the memory planner runs the engine on
     FakeTensorMode, where tensors have shapes but no values)."""
     return math.nan if is_fake(t) else float(t)
-
-
-def is_finite(t: torch.Tensor) -> bool:
-    """One reduction instead of an element-wise isfinite: a NaN or Inf anywhere makes the sum
-    non-finite (so does a sum past fp32's range, which is no usable gradient either)."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float32)))
 
 
 def discard_buffers(state: dict) -> None:

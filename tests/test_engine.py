@@ -316,3 +316,35 @@ def test_a_state_of_other_parameter_groups_is_refused():
     next(r for r in rules.values() if r.weight_decay == 0.0).weight_decay = 0.05
     with pytest.raises(ValueError, match="weight_decay: saved 0.0, this run 0.05"):
         Engine(other, rules, lr=1e-3).attach().load_state_dict(engine.state_dict())
+
+
+# -- host synchronisations ---------------------------------------------------------------------------
+class HostReads:
+    """Counts reads of tensor values into Python (what synchronises with a GPU): bool(), float(),
+    int(), .item(), .tolist(), by wrapping them on torch.Tensor."""
+    METHODS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for method in self.METHODS:
+            original = getattr(torch.Tensor, method)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, method, counted)
+
+
+@pytest.mark.parametrize("method", ["adamw", "galore"])
+def test_a_logical_step_reads_device_values_once_not_per_parameter(monkeypatch, method):
+    model = tiny_model()
+    engine = Engine(model, assign_rules(model, method, rank=4, gap=100), lr=1e-3, accumulate=2).attach()
+    batches = random_batches(6)
+    for x, y in batches[:2]:  # the first step refreshes GaLore's subspaces (SVDs read their status)
+        engine.backward(model(x, y))
+    reads = HostReads(monkeypatch)
+    for x, y in batches[2:]:
+        (model(x, y) / 2).backward()
+    assert engine.step == 3
+    # 2 steps x 2 micro-batches x 21 parameters would be 84 reads with a check per hook
+    assert reads.count == 2, reads.count

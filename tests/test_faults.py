@@ -17,6 +17,7 @@ from streamtrain import atomic
 from streamtrain import checkpoint as ckpt
 from streamtrain import run
 from streamtrain.optim import projector
+from streamtrain.rules.base import StepContext
 from streamtrain.rules.galore import GaLore
 from streamtrain.train import RunStopped, Trainer
 
@@ -263,7 +264,7 @@ def test_an_svd_that_fails_to_converge_is_retried_with_a_small_jitter(monkeypatc
     exact = torch.linalg.svd(grad, full_matrices=False)[0][:, :8]
     calls = failing_svd(monkeypatch, failures=1)
     state = GaLore(rank=8, svd="exact").init_state("w", torch.zeros(48, 96))
-    GaLore(rank=8, svd="exact").refresh(state, grad, ctx=type("Ctx", (), {"step": 0})())
+    GaLore(rank=8, svd="exact").refresh(state, grad, ctx=StepContext(step=0, lr=1e-3, micro_index=0, accumulate=1))
     assert len(calls) == 2 and 0 < (calls[1] - grad).abs().max() < 1e-4   # the retry saw a jittered matrix
     assert state["refreshes"] == 1
     overlap = (state["basis"].T @ exact).abs().diagonal()                   # same subspace, vector by vector

@@ -293,3 +293,44 @@ def test_an_unknown_backend_is_refused_in_one_line(monkeypatch):
         backend.update_backend()
     monkeypatch.delenv(backend.ENV_VARIABLE)
     assert backend.requested_backend() == "compiled"
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "fused"])
+@pytest.mark.parametrize("rule_name", ["adamw", "galore", "adamw-growth"])
+def test_every_update_path_is_a_device_side_no_op_while_found_inf_is_set(monkeypatch, backend_name, rule_name):
+    """The engine's found_inf reaches every path (reference ops, fused kernels, GaLore's low-rank
+    Adam and back-projection, the growth limiter): at 1 nothing changes, bit for bit; at 0 the
+    result is the unmasked one, bit for bit."""
+    use(monkeypatch, backend_name)
+    growth = 1.5 if rule_name.endswith("growth") else None
+
+    def run(found_inf):
+        torch.manual_seed(0)
+        rule = GaLore(rank=8, gap=100, svd="exact") if rule_name == "galore" else AdamW()
+        gen = torch.Generator().manual_seed(0)
+        param = torch.randn(SHAPE, generator=gen)
+        state = rule.init_state("w", param)
+        for step in range(3):
+            ctx = StepContext(step=step, lr=1e-2, micro_index=0, accumulate=1, weight_decay=0.1,
+                              norm_growth=growth, found_inf=None if step < 2 else found_inf)
+            rule.update(param, torch.randn(SHAPE, generator=gen), state, ctx)
+        return param, state
+
+    clean, clean_state = run(None)
+    zero, zero_state = run(torch.zeros(()))
+    masked, masked_state = run(torch.ones(()))
+    assert torch.equal(zero, clean) and all(torch.equal(a, b) for a, b in zip(moments(zero_state), moments(clean_state)))
+    before = [t.clone() for t in moments(masked_state)]
+    assert not torch.equal(masked, clean)  # the third step was masked
+    # run again for two steps only: the masked third step must equal not taking it
+    torch.manual_seed(0)
+    rule = GaLore(rank=8, gap=100, svd="exact") if rule_name == "galore" else AdamW()
+    gen = torch.Generator().manual_seed(0)
+    param = torch.randn(SHAPE, generator=gen)
+    state = rule.init_state("w", param)
+    for step in range(2):
+        ctx = StepContext(step=step, lr=1e-2, micro_index=0, accumulate=1, weight_decay=0.1, norm_growth=growth)
+        rule.update(param, torch.randn(SHAPE, generator=gen), state, ctx)
+    assert torch.equal(masked, param)
+    assert all(torch.equal(a, b) for a, b in zip(before, moments(state)))
+    assert torch.equal(masked_state["prev_update_norm"], state["prev_update_norm"])

@@ -24,30 +24,30 @@ from .quant8 import BlockwiseState8bit
 
 
 def state_adam_direction(grad: torch.Tensor, exp_avg, exp_avg_sq, step: int, betas: tuple[float, float],
-                         eps: float, active=None) -> torch.Tensor:
+                         eps: float, active=None, found_inf: torch.Tensor | None = None) -> torch.Tensor:
     """Adam's direction for `grad` (the active part's shape) at 1-based `step`; both moment
-    storages are updated."""
+    storages are updated (not while `found_inf` is set: then the direction is 0)."""
     fast = update_backend() != "reference"
     if fast and isinstance(exp_avg, BlockwiseState8bit) and grad.shape == exp_avg.shape:
-        return blockwise_direction(grad, exp_avg, exp_avg_sq, step, betas, eps)
+        return blockwise_direction(grad, exp_avg, exp_avg_sq, step, betas, eps, found_inf)
     m, v = exp_avg.read(), exp_avg_sq.read()
     m_active, v_active = (m, v) if active is None else (active(m), active(v))
     if fast and fusable(grad, m_active, v_active):
         direction = fused_adam_direction(grad, m_active, v_active, step_tensor(step, grad.device),
-                                         betas=betas, eps=eps)
+                                         betas=betas, eps=eps, found_inf=found_inf)
     else:
-        direction = adam_direction(grad, m_active, v_active, step, *betas, eps)
+        direction = adam_direction(grad, m_active, v_active, step, *betas, eps, found_inf)
     exp_avg.write(m)
     exp_avg_sq.write(v)
     return direction
 
 
-def blockwise_direction(grad, exp_avg, exp_avg_sq, step: int, betas, eps) -> torch.Tensor:
+def blockwise_direction(grad, exp_avg, exp_avg_sq, step: int, betas, eps, found_inf=None) -> torch.Tensor:
     """The direction for whole 8-bit moments, a flat chunk at a time (no fp32 copy of them)."""
     flat = grad.reshape(-1)
     direction = torch.zeros(flat.shape, dtype=torch.float32, device=grad.device)
     step = step_tensor(step, grad.device)
     for start, end in flat_chunks(flat.numel()):
         adam8bit_update_(direction[start:end], flat[start:end], exp_avg, exp_avg_sq, start, step,
-                         lr=-1.0, betas=betas, eps=eps)
+                         lr=-1.0, betas=betas, eps=eps, found_inf=found_inf)
     return direction.view(grad.shape)

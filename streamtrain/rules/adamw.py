@@ -32,7 +32,7 @@ from ..optim.fused import fused_adamw_, step_tensor
 from ..optim.quant8 import BLOCK_SIZE, BlockwiseState8bit, num_blocks
 from ..optim.rounding import write_weight
 from ..optim.state import make_state, working, working_dtype
-from .base import Rule, add_to_buffer, clip_scale, common_state, take_step_gradient, update_weight
+from .base import Rule, add_to_buffer, clip_scale, common_state, keep_norm, take_step_gradient, update_weight
 
 
 class AdamW(Rule):
@@ -51,8 +51,10 @@ class AdamW(Rule):
     def accumulate(self, param, grad, state, ctx):
         add_to_buffer(state, "grad_acc", grad, ctx)
 
-    def update(self, param, grad, state, ctx):
-        g = take_step_gradient(state, "grad_acc", grad, ctx)  # upcast chunk by chunk below
+    def step_gradient(self, param, grad, state, ctx):
+        return take_step_gradient(state, "grad_acc", grad, ctx)  # upcast chunk by chunk in apply
+
+    def apply(self, param, g, state, ctx):
         grad_sq = torch.linalg.vector_norm(g, dtype=working_dtype(g)).square()
         clip = clip_scale(g, ctx)
         state["step"] += 1
@@ -62,7 +64,7 @@ class AdamW(Rule):
         else:
             step = step_tensor(state["step"], param.device)
             for start, end in flat_chunks(g.numel()):
-                self.fused_chunk(weight[start:end], g[start:end], clip, state, start, step, ctx)
+                self.fused_chunk(weight[start:end], g[start:end], clip, state, start, step, ctx, ctx.found_inf)
         return grad_sq
 
     def reference_update(self, weight, g, clip, state, ctx) -> None:
@@ -71,7 +73,7 @@ class AdamW(Rule):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         for start, end in flat_chunks(g.numel()):
             m_chunk, v_chunk = m.read_range(start, end), v.read_range(start, end)
-            direction = self.chunk_direction(g[start:end], clip, m_chunk, v_chunk, state["step"])
+            direction = self.chunk_direction(g[start:end], clip, m_chunk, v_chunk, state["step"], ctx.found_inf)
             m.write_range(start, m_chunk)
             v.write_range(start, v_chunk)
             update_weight(weight[start:end], direction, ctx, growth)
@@ -96,12 +98,12 @@ class AdamW(Rule):
         if work is not weight:
             write_weight(weight, work, ctx.stochastic_rounding)
 
-    def chunk_direction(self, grad_chunk, clip, m_chunk, v_chunk, step):
+    def chunk_direction(self, grad_chunk, clip, m_chunk, v_chunk, step, found_inf=None):
         """Adam's direction for one chunk; updates the moment chunks in place."""
         g = working(grad_chunk)
         if clip is not None:
             g = g * clip
-        return adam_direction(g, m_chunk, v_chunk, step, *self.betas, self.eps)
+        return adam_direction(g, m_chunk, v_chunk, step, *self.betas, self.eps, found_inf)
 
     def growth_scale(self, g, clip, state, ctx) -> torch.Tensor:
         """The norm-growth factor of this step's update (first pass: Adam on copies of the
@@ -114,7 +116,7 @@ class AdamW(Rule):
             square_sums[start // BLOCK_SIZE:num_blocks(end)] = block_square_sums(direction)
         norm = square_sums.sum().sqrt()
         scale = growth_factor(norm, state["prev_update_norm"], ctx.norm_growth)
-        state["prev_update_norm"] = norm * scale
+        keep_norm(state, norm * scale, ctx)
         return scale
 
     def config(self):

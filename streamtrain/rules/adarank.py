@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import is_fake
 from ..optim.projector import (SVD_METHODS, basis_and_spectrum, basis_rotation, energy_rank,
                                low_rank_view, transfer_moments)
 from ..optim.state import working
-from .galore import GaLore, active_basis, sketch_seed
+from .galore import GaLore, active_basis, shared_result, sketch_seed
 
 
 class AdaRankGrad(GaLore):
@@ -96,6 +96,21 @@ class AdaRankGrad(GaLore):
             state["converged"] = converged
 
     def refresh(self, state, grad, ctx) -> None:
+        grad = self.refresh_gradient(grad, ctx)  # averaged over ranks; None when not finite
+        if grad is None:
+            return
+        capacity = state["capacity"]
+        buffer = torch.empty(state["basis"].shape[0], capacity + 1, dtype=torch.float32, device=grad.device)
+        # the basis and, in an extra column, the chosen rank: one broadcast under data parallelism
+        packed = shared_result(ctx, state, lambda: self.packed_subspace(state, grad), buffer)
+        rank = capacity if is_fake(packed) else int(packed[0, capacity])
+        self.install_basis(state, packed[:, :capacity].to(state["basis"].dtype), rank)
+        state["refresh_step"] = ctx.step
+        state["refreshes"] += 1
+        state["converged"] = False
+
+    def packed_subspace(self, state, grad) -> torch.Tensor:
+        """The top-capacity basis, and the rank keeping `eta` of the energy in an extra column."""
         capacity, side = state["capacity"], state["side"]
         fake = is_fake(grad)
         generator = None
@@ -107,10 +122,8 @@ class AdaRankGrad(GaLore):
         if not fake:
             total = torch.linalg.vector_norm(working(grad)).square()
             rank = energy_rank(singular, self.eta, min(self.r_min, capacity), capacity, total)
-        self.install_basis(state, basis, rank)
-        state["refresh_step"] = ctx.step
-        state["refreshes"] += 1
-        state["converged"] = False
+        column = torch.full((basis.shape[0], 1), float(rank), dtype=torch.float32, device=basis.device)
+        return torch.cat([working(basis).float(), column], dim=1)
 
     def install_basis(self, state, basis: torch.Tensor, rank: int) -> None:
         """Make the first `rank` columns of `basis` the active subspace, carrying Adam's moments
@@ -133,16 +146,16 @@ class AdaRankGrad(GaLore):
         return transfer_moments(m, v, rotation.to(m.dtype), side)
 
     # -- hook operations -----------------------------------------------------------------------
-    def update(self, param, grad, state, ctx):
-        low, grad_sq = self.step_gradient(grad, state, ctx)
+    def low_rank_apply(self, param, low, state, ctx) -> None:
         if state["refresh_step"] < 0:  # no subspace yet (over the refresh cap): wait untouched
-            return grad_sq
+            return
         norm = torch.linalg.vector_norm(low)
+        if ctx.found_inf is not None:  # a step found bad must not look converged or diverged
+            norm = torch.where(ctx.found_inf > 0, state["last_norm"], norm)
         state["last_norm"].copy_(norm)
         if state["refresh_step"] == ctx.step:
             state["refresh_norm"].copy_(norm)
         self.low_rank_step(param, low, state, ctx)
-        return grad_sq
 
     # -- checkpoints (the rule-level hooks of streamtrain/checkpoint.py) --------------------------
     def state_extra(self, engine) -> dict:

@@ -23,6 +23,10 @@ class StepContext:
     norm_growth: float | None = None       # gamma of the norm-growth limiter
     stochastic_rounding: bool = True       # for bf16 weights
     buffer_device: torch.device | None = None  # where accumulation buffers live (None: beside the gradient)
+    # the step's running non-finite flag, a 0-d float tensor on the device (1: a gradient of this
+    # step was NaN or Inf): updates made while it is set are no-ops, selected on the device
+    found_inf: torch.Tensor | None = None
+    collective: object = None              # distributed.reducer.BucketReducer under data parallelism
     extras: dict = field(default_factory=dict)
 
     @property
@@ -40,7 +44,15 @@ class Rule:
     init_state(name, param)            -> dict of state (tensors, storages, python scalars)
     accumulate(param, grad, state, ctx)   fold a non-final micro-batch gradient
     update(param, grad, state, ctx)    -> 0-d tensor: squared norm of the step gradient consumed
+        = apply(param, step_gradient(param, grad, state, ctx), state, ctx), split so that data
+          parallelism can average the step gradient across ranks in between:
+    step_gradient(param, grad, state, ctx) -> the local step gradient (buffered sum + grad; GaLore:
+                                          its projection, what ranks all-reduce)
+    apply(param, step_grad, state, ctx) -> squared norm; the update from the averaged step gradient
     end_step, sync, state_extra, load_state_extra, ranks: optional hooks, no-ops by default
+
+    Updates honour ctx.found_inf: while it is set they change nothing (weights, moments, norms),
+    selected on the device; the engine takes back the step count of such updates.
 
     Each rule object is a parameter group: `lr_scale` multiplies the engine's learning rate for
     the parameters it governs, and `weight_decay` (None: the engine's) is their decay, so norms,
@@ -57,6 +69,12 @@ class Rule:
         raise NotImplementedError
 
     def update(self, param, grad, state: dict, ctx: StepContext) -> torch.Tensor:
+        return self.apply(param, self.step_gradient(param, grad, state, ctx), state, ctx)
+
+    def step_gradient(self, param, grad, state: dict, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, param, step_grad, state: dict, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
 
     def end_step(self, engine) -> None:
@@ -129,9 +147,16 @@ def apply_update(param: torch.Tensor, direction: torch.Tensor, state: dict, ctx:
     """W <- W (1 - lr wd) - lr * direction, with the optional norm-growth limit on `direction`
     and stochastic rounding when the weight is bf16."""
     if ctx.norm_growth:
-        direction, state["prev_update_norm"] = limit_norm_growth(
-            direction, state["prev_update_norm"], ctx.norm_growth)
+        direction, norm = limit_norm_growth(direction, state["prev_update_norm"], ctx.norm_growth)
+        keep_norm(state, norm, ctx)
     update_weight(param, direction, ctx)
+
+
+def keep_norm(state: dict, norm: torch.Tensor, ctx: StepContext) -> None:
+    """The growth limiter's memory of the last update norm (unchanged by a step found bad)."""
+    if ctx.found_inf is not None:
+        norm = torch.where(ctx.found_inf > 0, state["prev_update_norm"], norm)
+    state["prev_update_norm"] = norm
 
 
 def update_weight(weight: torch.Tensor, direction: torch.Tensor, ctx: StepContext,
@@ -142,13 +167,15 @@ def update_weight(weight: torch.Tensor, direction: torch.Tensor, ctx: StepContex
     computed by the caller from the whole update's norm."""
     if scale is not None:
         direction = direction * scale
+    if ctx.found_inf is not None:  # a step found bad moves nothing (NaN * 0 would still be NaN)
+        direction = torch.where(ctx.found_inf > 0, 0.0, direction)
     with torch.no_grad():
         if weight.dtype in (torch.float32, torch.float64):
-            decoupled_weight_decay(weight, ctx.lr, ctx.weight_decay)
+            decoupled_weight_decay(weight, ctx.lr, ctx.weight_decay, ctx.found_inf)
             weight.add_(direction, alpha=-ctx.lr)
         else:
             w = weight.float()
-            decoupled_weight_decay(w, ctx.lr, ctx.weight_decay)
+            decoupled_weight_decay(w, ctx.lr, ctx.weight_decay, ctx.found_inf)
             w.add_(direction, alpha=-ctx.lr)
             write_weight(weight, w, ctx.stochastic_rounding)
 

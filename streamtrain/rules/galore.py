@@ -30,7 +30,7 @@ from ..optim.projector import (SVD_METHODS, low_rank_view, project, project_back
                                 projection_side, randomized_basis, svd_basis)
 from ..optim.state import make_state, working
 from ..optim.state_adam import state_adam_direction
-from .base import Rule, add_to_buffer, common_state, maybe_clip, take_buffer, update_weight
+from .base import Rule, add_to_buffer, common_state, keep_norm, maybe_clip, take_buffer, update_weight
 
 SUBSPACE_SOURCES = ("first_micro_batch", "full_step")
 
@@ -92,9 +92,33 @@ class GaLore(Rule):
         return ctx.step != state["refresh_step"] and ctx.step % self.gap == self.phase(state)
 
     def refresh(self, state, grad, ctx) -> None:
-        active_basis(state).copy_(self.new_basis(state, grad))
+        """A new subspace from `grad` (under data parallelism: from the gradient averaged over the
+        ranks, computed on one rank and broadcast, so every replica holds the same bits). A
+        non-finite gradient keeps the old subspace and marks the step bad (a host read, at
+        refresh steps only: the SVD reads its own status anyway)."""
+        grad = self.refresh_gradient(grad, ctx)
+        if grad is None:
+            return
+        basis = active_basis(state)
+        basis.copy_(shared_result(ctx, state, lambda: self.new_basis(state, grad), torch.empty_like(basis)))
         state["refresh_step"] = ctx.step
         state["refreshes"] += 1
+
+    def refresh_gradient(self, grad, ctx):
+        """The gradient a refresh uses (averaged over ranks), or None when it is not finite or the
+        step is already known bad (a skipped step keeps its subspaces)."""
+        if ctx.collective is not None:
+            grad = ctx.collective.mean(grad)
+        if is_fake(grad):
+            return grad
+        finite = torch.isfinite(grad.sum())
+        if ctx.found_inf is not None:
+            finite = finite & (ctx.found_inf.to(finite.device) == 0)
+        if not bool(finite):
+            if ctx.found_inf is not None:
+                ctx.found_inf.fill_(1.0)
+            return None
+        return grad
 
     def new_basis(self, state, grad) -> torch.Tensor:
         """The top-rank singular vectors on the matrix's side: exact fp32 SVD, or the randomized
@@ -118,11 +142,20 @@ class GaLore(Rule):
         add_to_buffer(state, "grad_acc", project(grad, active_basis(state), state["side"]), ctx)
 
     def update(self, param, grad, state, ctx):
-        low, grad_sq = self.step_gradient(grad, state, ctx)
-        self.low_rank_step(param, low, state, ctx)
+        low, grad_sq = self.projected_step(grad, state, ctx)
+        self.low_rank_apply(param, low, state, ctx)
         return grad_sq
 
-    def step_gradient(self, grad, state, ctx):
+    def step_gradient(self, param, grad, state, ctx):
+        return self.projected_step(grad, state, ctx)[0]
+
+    def apply(self, param, low, state, ctx):
+        """The update from a projected step gradient averaged over ranks; the projected norm (a
+        lower bound of the full one) for the report."""
+        self.low_rank_apply(param, low, state, ctx)
+        return torch.linalg.vector_norm(low).square()
+
+    def projected_step(self, grad, state, ctx):
         """The step's projected gradient (buffered micro-batches plus `grad`, in working precision,
         the basis refreshed first when due) and its squared norm for the global grad-norm report."""
         full = None
@@ -141,6 +174,9 @@ class GaLore(Rule):
         grad_sq = torch.linalg.vector_norm(consumed, dtype=working(consumed[:0]).dtype).square()
         return low, grad_sq
 
+    def low_rank_apply(self, param, low, state, ctx) -> None:
+        self.low_rank_step(param, low, state, ctx)
+
     def low_rank_step(self, param, low, state, ctx) -> None:
         """Adam on the projected step gradient `low` (the first `rank` rows or columns of the
         moments), mapped back to the weight's shape and applied."""
@@ -148,7 +184,8 @@ class GaLore(Rule):
         state["step"] += 1
         rank, side = state["rank"], state["side"]
         low_direction = state_adam_direction(low, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                             self.betas, self.eps, lambda t: low_rank_view(t, rank, side))
+                                             self.betas, self.eps, lambda t: low_rank_view(t, rank, side),
+                                             ctx.found_inf)
         self.apply_low_rank(param, low_direction, state, ctx)
 
     def apply_low_rank(self, param, low_direction, state, ctx) -> None:
@@ -161,7 +198,7 @@ class GaLore(Rule):
             # m x n product.
             norm = torch.linalg.vector_norm(low_direction) * self.scale
             growth = growth_factor(norm, state["prev_update_norm"], ctx.norm_growth)
-            state["prev_update_norm"] = norm * growth
+            keep_norm(state, norm * growth, ctx)
         basis, side = active_basis(state), state["side"]
         for first, end in row_chunks(*param.shape):
             rows = project_back_rows(low_direction, basis, side, first, end).mul_(self.scale)
@@ -172,6 +209,18 @@ class GaLore(Rule):
                 "betas": list(self.betas), "eps": self.eps, "states": self.states,
                 "subspace_from": self.subspace_from, "svd": self.svd, "refresh_share": self.refresh_share,
                 "seed": self.seed, "oversample": self.oversample, "power_iters": self.power_iters}
+
+
+def shared_result(ctx, state: dict, compute, buffer: torch.Tensor) -> torch.Tensor:
+    """compute() on this process; under data parallelism on the matrix's owner rank only, then
+    broadcast into `buffer` on every rank (SVDs of the same matrix on two ranks need not agree
+    to the bit, signs included)."""
+    if ctx.collective is None:
+        return compute()
+    owner = ctx.collective.owner(state["index"])
+    if ctx.collective.rank == owner:
+        buffer.copy_(compute())
+    return ctx.collective.broadcast(buffer, owner)
 
 
 def sketch_seed(seed: int, state: dict) -> int:

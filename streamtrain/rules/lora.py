@@ -71,6 +71,12 @@ class ReLoRA(Rule):
     def update(self, param, grad, state, ctx):
         return self.inner.update(param, grad, state, ctx)
 
+    def step_gradient(self, param, grad, state, ctx):
+        return self.inner.step_gradient(param, grad, state, ctx)
+
+    def apply(self, param, step_grad, state, ctx):
+        return self.inner.apply(param, step_grad, state, ctx)
+
     # -- the clock --------------------------------------------------------------------------------
     def schedule(self, envelope: CosineSchedule) -> JaggedCosineSchedule:
         """The LR schedule to give the Engine: `envelope`, restarted at the wrap and every cycle."""
