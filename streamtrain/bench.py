@@ -143,6 +143,7 @@ class TorchOptimizers:
     def __init__(self, model, schedule, make_optimizer, per_parameter: bool):
         self.schedule, self.step, self.micro_index, self.nonfinite_total = schedule, 0, 0, 0
         self.listeners = []  # as the engine's: on_step_end(self, report)
+        self.reducer = None  # one process: no data-parallel reduction
         self.rules = {}      # no streamtrain rules: nothing for Trainer to ask about ranks
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if per_parameter:

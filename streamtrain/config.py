@@ -117,6 +117,10 @@ class TrainConfig:
     plan_full_depth: bool = opt(False, "plan by simulating every layer (slower) instead of 2 and 3 layers "
                                        "extrapolated (exact for identical layers)")
     device: str = opt("auto", "device: auto picks cuda when present", choices=DEVICES)
+    world_size: int = opt(0, "data-parallel ranks a --dry-run plans for (0: the launch's: torchrun's WORLD_SIZE, "
+                             "else 1); each rank holds the whole model, so the plan is per rank")
+    check_replicas: int = opt(0, "under torchrun: compare a fingerprint of the weights across ranks every N steps "
+                                 "and stop with an error if a replica diverged (0: never)")
     seed: int = opt(0, "seed for weights, data order and sampling")
     out: str | None = opt(None, "output folder: metrics, checkpoints, reports, final weights (default: a new "
                                 "runs/<date>_<time>; with --resume auto, the newest run under runs/)")
@@ -171,6 +175,8 @@ class TrainConfig:
                 raise ConfigError(f"--budget: {e}") from None
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             fail("--tensorboard", "the 'tensorboard' package is not installed", "pip install -e '.[tensorboard]'")
+        if self.world_size < 0 or self.check_replicas < 0:
+            fail("--world-size/--check-replicas", "must be >= 0", "pass 0 or a positive integer")
         if self.eval_every < 0 or self.loss_chunk_tokens < 0 or self.max_data_bytes < 0:
             fail("--eval-every/--loss-chunk-tokens/--max-data-bytes", "must be >= 0", "pass 0 or a positive integer")
         return self

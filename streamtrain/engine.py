@@ -289,7 +289,7 @@ class Engine:
         flag = torch.zeros((), device=device) if self._found_inf is None else self._found_inf
         values = torch.stack([flag, self._loss_sum.to(device), self._grad_sq.to(device).float()])
         if self.reducer is not None:
-            values[1] = self.reducer.mean(values[1])
+            values[1] = self.reducer.mean(values[1], counted=False)
         if is_fake(values):
             return 0.0, math.nan, math.nan
         return tuple(values.tolist())

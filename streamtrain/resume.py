@@ -48,11 +48,20 @@ def adopt_derived(config: TrainConfig, saved: dict) -> TrainConfig:
     return replace(config, **taken)
 
 
-def check_same_run(config: TrainConfig, saved: dict, identity: dict, saved_identity: dict) -> None:
+def check_same_run(config: TrainConfig, saved: dict, identity: dict, saved_identity: dict,
+                   world_size: int = 1, saved_world_size: int = 1) -> None:
     """Refuse a resume whose flags or data differ from the checkpoint's run (`config` resolved,
-    `saved` the checkpoint's resolved config; identities: data and tokenizer)."""
+    `saved` the checkpoint's resolved config; identities: data and tokenizer). Under data
+    parallelism the stream is the global batch, --batch-size x ranks: another number of ranks
+    with the same global batch reads the same sequences (only the order of summation differs)."""
     current = resolved(config).to_dict()
+    if current["batch_size"] * world_size != saved["batch_size"] * saved_world_size:
+        raise ResumeMismatch(f"--batch-size: the checkpoint's run used {saved['batch_size']} x {saved_world_size} "
+                             f"rank(s), this run {current['batch_size']} x {world_size}; keep the global batch "
+                             "(--batch-size x ranks) the same (or start a new --out)")
     for name in STREAM_FLAGS + MATH_FLAGS:
+        if name == "batch_size":
+            continue
         if name in saved and as_json(current[name]) != saved[name]:
             raise ResumeMismatch(f"--{name.replace('_', '-')}: the checkpoint's run used {saved[name]!r}, this "
                                  f"run {current[name]!r}; resume with the same value (or start a new --out)")

@@ -56,7 +56,8 @@ def main(argv=None, prog: str = PROGRAM, dry_run: bool = False) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(done_line(summary))
+    if not summary.get("quiet"):  # (ranks other than 0 of a torchrun launch)
+        print(done_line(summary))
     return DRY_RUN_DOES_NOT_FIT if summary.get("dry_run") and not summary["fits"] else 0
 
 

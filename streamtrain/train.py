@@ -5,6 +5,7 @@
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -14,6 +15,9 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_folder, tensor_bytes
+from .distributed.context import device_of, from_environment
+from .distributed.reducer import BucketReducer
+from .distributed.replicas import check_replicas
 from .checkpoint import NonFiniteCheckpoint, latest_checkpoint, locate_intact, restore, save_checkpoint, step_of
 from .config import TrainConfig
 from .data import TokenDataset, data_identity, data_summary, load_corpus, tokenizer_identity
@@ -38,15 +42,18 @@ RUN_CONFIG = "run_config.json"  # the run's resolved settings (never config.json
 class Trainer:
     def __init__(self, config: TrainConfig):
         config = config.validate()
+        # under torchrun: this rank's process group and GPU; else the single-process context
+        self.dist = from_environment(resolve_device(config.device).type)
         self.out = Path(config.out) if config.out else default_out(config.resume)
         self.lock = RunLock(self.out)
-        self.lock.check_free()  # refuse now, before any work, if another process trains here
+        if self.dist.is_main:
+            self.lock.check_free()  # refuse now, before any work, if another process trains here
         self.resume_from = self._locate_resume(config)
         check_run_folder(self.out, resuming=self.resume_from is not None, overwrite=config.overwrite)
         if self.resume_from is not None:  # settings derived from --steps stay as the checkpoint's run had them
             config = adopt_derived(config, self.resume_from[1][0]["metadata"]["config"]).validate()
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = device_of(self.dist, resolve_device(config.device).type)
         check_offload(config, self.device.type)
         torch.manual_seed(config.seed)
         self.model_config = model_config_of(config)  # a preset, or a model folder's config.json
@@ -55,18 +62,19 @@ class Trainer:
         corpus = load_corpus(config.data, self.tokenizer, config.max_data_bytes or None, config.text_field,
                              token_dtype=config.token_dtype, vocab_size=self.model_config.vocab_size)
         self.dataset = TokenDataset(corpus.tokens, config.seq_len, seed=config.seed)
-        self.data_summary = data_summary(corpus, self.dataset, config.steps, config.batch_size, config.accumulate)
+        self.data_summary = data_summary(corpus, self.dataset, config.steps, config.batch_size * self.dist.world_size,
+                                         config.accumulate)
         self.data_identity = {"data": data_identity(config.data, self.tokenizer, config.max_data_bytes or None,
                                                     config.text_field, config.token_dtype),
                               "tokenizer": tokenizer_identity(self.tokenizer)}
         self.schedule_history = self._schedule_history()
         self.model = build_run_model(config, self.device, self.model_config, weights=True)
-        print(describe_model(config, self.model), flush=True)
+        self.say(describe_model(config, self.model))
         prepare_model(self.model, config)
-        self.engine = build_engine(self.model, config, self.schedule_history).attach()
+        self.engine = build_engine(self.model, config, self.schedule_history, reducer=self._reducer()).attach()
         sync_structure(self.engine)
         self.rule_summary, line = rules_line(self.engine)  # which rule governs what share of the model
-        print(line, flush=True)
+        self.say(line)
         self.position = 0        # training micro-batches consumed (the data position)
         self.history = []
         self.stop_signal = None  # set by SIGINT/SIGTERM (or request_stop): checkpoint, then stop
@@ -75,6 +83,32 @@ class Trainer:
             self.resume()
         self.profiler = RunProfiler(self.model, self.engine, self.device,
                                     parse_bytes(config.budget) if config.budget else None)
+        self._barrier()  # every rank has checked the folder before rank 0 writes into it
+
+    # -- data parallelism -----------------------------------------------------------------------
+    def _reducer(self):
+        """The engine's all-reduce inside its hooks under torchrun (None: one process)."""
+        if not self.dist.distributed:
+            return None
+        return BucketReducer(self.dist.group, self.dist.world_size)
+
+    def _barrier(self) -> None:
+        if self.dist.distributed:
+            torch.distributed.barrier(group=self.dist.group)
+
+    def _everyone(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (a stop signal may reach the ranks at
+        different steps: they must stop at the same one)."""
+        if not self.dist.distributed:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=self.dist.group)
+        return bool(value.item())
+
+    def say(self, *lines: str) -> None:
+        """Print on the rank that speaks for the run (rank 0); stdout: stderr is for errors."""
+        if self.dist.is_main:
+            print("\n".join(lines), flush=True)
 
     def _locate_resume(self, config: TrainConfig):
         """(folder, verified contents) of the checkpoint to continue, or None for a fresh start."""
@@ -93,7 +127,8 @@ class Trainer:
             return {"steps": self.config.steps, "changes": []}
         record = self.resume_from[1][0]
         saved = record["metadata"]
-        check_same_run(self.config, saved["config"], self.data_identity, saved.get("run_identity", {}))
+        check_same_run(self.config, saved["config"], self.data_identity, saved.get("run_identity", {}),
+                       self.dist.world_size, saved.get("world_size", 1))
         history = saved.get("schedule") or {"steps": saved["config"]["steps"], "changes": []}
         changes = schedule_changes(self.config, saved["config"], history["changes"], record["step"],
                                    self.config.reschedule)
@@ -101,7 +136,8 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
-        self.lock.acquire()
+        if self.dist.is_main:
+            self.lock.acquire()
         try:
             return self._run()
         finally:
@@ -109,23 +145,17 @@ class Trainer:
 
     def _run(self) -> dict:
         c = self.config
-        if c.overwrite and self.resume_from is None:
-            removed = clear_run(self.out)
-            if removed:
-                print(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {self.out}", file=sys.stderr)
-        print(f"run folder: {self.out}", flush=True)
-        print("\n".join(plan_lines(self.plan, c) + [f"updates: {describe_backend()}"] + self.data_summary),
-              flush=True)  # stdout: stderr is for errors
-        if self.resume_from is not None:
-            trim_metrics(self.out / "metrics.jsonl", self.engine.step)
-        # the run's own config, under a name no HF tool reads (an HF folder's config.json is the model's)
-        (self.out / RUN_CONFIG).write_text(json.dumps(resolved(c).to_dict(), indent=2))
-        logbook = Logbook(c, self.out, self.engine.step, self.profiler)
+        if self.dist.is_main:
+            self._prepare_folder()
+        self._barrier()
+        # every rank runs the loop; rank 0 alone logs (the others' metrics go nowhere)
+        logbook = Logbook(c, self.out, self.engine.step, self.profiler) if self.dist.is_main else SilentLogbook()
+        metrics_path = self.out / "metrics.jsonl" if self.dist.is_main else Path(os.devnull)
         mode = "a" if self.engine.step else "w"  # a resumed run appends to its own history
         try:
             if self.engine.step == 0:
                 self.initial_val_loss = self.evaluate()  # the baseline every later val loss is read against
-            with open(self.out / "metrics.jsonl", mode) as metrics, stop_signals_caught(self), self.profiler.tracking():
+            with open(metrics_path, mode) as metrics, stop_signals_caught(self), self.profiler.tracking():
                 self._train_steps(metrics, logbook)
         except BudgetExceeded as e:  # at a step boundary: weights and states are whole, save them
             checkpoint = self.save_checkpoint()
@@ -143,14 +173,32 @@ class Trainer:
             logbook.close()
         return self.finish()
 
+    def _prepare_folder(self) -> None:
+        """Rank 0: the folder, what the run is and will do, the run config; the metrics a resumed
+        run continues are trimmed to its checkpoint."""
+        c = self.config
+        if c.overwrite and self.resume_from is None:
+            removed = clear_run(self.out)
+            if removed:
+                print(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {self.out}", file=sys.stderr)
+        ranks = f" ({self.dist.world_size} data-parallel ranks)" if self.dist.distributed else ""
+        self.say(f"run folder: {self.out}{ranks}",
+                 *plan_lines(self.plan, c), f"updates: {describe_backend()}", *self.data_summary)
+        if self.resume_from is not None:
+            trim_metrics(self.out / "metrics.jsonl", self.engine.step)
+        # the run's own config, under a name no HF tool reads (an HF folder's config.json is the model's)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / RUN_CONFIG).write_text(json.dumps(resolved(c).to_dict(), indent=2))
+
     def _train_steps(self, metrics, logbook) -> None:
         c = self.config
-        tokens_per_step = c.batch_size * c.seq_len * c.accumulate
+        tokens_per_step = c.batch_size * c.seq_len * c.accumulate * self.dist.world_size
         while self.engine.step < c.steps:
             started = time.perf_counter()
             report = None
-            while report is None:  # the k micro-batches of one logical step
-                inputs, targets = self.dataset.train_batch(self.position, c.batch_size)
+            while report is None:  # the k micro-batches of one logical step (this rank's rows of each)
+                inputs, targets = self.dataset.train_batch(self.position, c.batch_size, self.dist.rank,
+                                                           self.dist.world_size)
                 loss = self.model(inputs.to(self.device), targets.to(self.device))
                 report = self.engine.backward(loss)
                 self.position += 1
@@ -163,6 +211,7 @@ class Trainer:
             if self._evaluation_due(report.step):
                 record["val_loss"] = self.evaluate()
             record.update(self._rank_record())
+            record.update(self._traffic_record())
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()  # a killed run keeps the metrics of the steps it finished
             self.history.append(record)
@@ -172,12 +221,17 @@ class Trainer:
 
     def _at_step_boundary(self) -> None:
         """Periodic checkpoints, and the stop a signal asked for (after its checkpoint)."""
-        every = self.config.save_every
+        every, check = self.config.save_every, self.config.check_replicas
+        if self.dist.distributed and check and self.engine.step % check == 0:
+            check_replicas(self.model, self.dist.group, self.engine.step)
         periodic = every and self.engine.step % every == 0
+        stopping = self._everyone(self.stop_signal is not None)
+        if stopping and self.stop_signal is None:  # another rank got the signal: stop at the same step
+            self.stop_signal = signal.SIGTERM
         # no periodic save during a streak of skipped steps: it would rotate out the last good checkpoint
-        if self.stop_signal is not None or (periodic and self.engine.nonfinite_in_row == 0):
+        if stopping or (periodic and self.engine.nonfinite_in_row == 0):
             self.save_checkpoint()
-        if self.stop_signal is not None and self.engine.step < self.config.steps:  # else finish normally
+        if stopping and self.engine.step < self.config.steps:  # else finish normally
             name = signal.Signals(self.stop_signal).name
             raise RunStopped(f"stopped by {name} after step {self.engine.step}; checkpoint saved to "
                              f"{self.last_checkpoint}; continue with --resume auto", exit_code=128 + self.stop_signal)
@@ -198,18 +252,34 @@ class Trainer:
             record["ranks"] = self._logged_ranks = ranks
         return record
 
+    def _traffic_record(self) -> dict:
+        """Data parallelism: the bytes this step all-reduced, and what all-reducing every full
+        gradient would have moved (GaLore sends r x n projections)."""
+        if self.engine.reducer is None:
+            return {}
+        sent, full = self.engine.reducer.reset_counters()
+        return {"comm_bytes": sent, "comm_bytes_full_gradients": full}
+
     def _evaluation_due(self, step: int) -> bool:
         every, last = self.config.eval_every, step == self.config.steps - 1
         return last or (every > 0 and (step + 1) % every == 0)
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """The mean loss over --eval-batches global validation batches (under data parallelism
+        each rank takes its rows of each, and the means are averaged: every rank gets the number
+        one process with the global batch gets)."""
         was_training = self.model.training
         self.model.train(False)
-        losses = [self.model(x.to(self.device), y.to(self.device)).float().item()
-                  for x, y in self.dataset.val_batches(self.config.batch_size, self.config.eval_batches)]
+        rank, world, size = self.dist.rank, self.dist.world_size, self.config.batch_size
+        losses = [self.model(x[rank * size:(rank + 1) * size].to(self.device),
+                             y[rank * size:(rank + 1) * size].to(self.device)).float()
+                  for x, y in self.dataset.val_batches(size * world, self.config.eval_batches)]
         self.model.train(was_training)
-        return sum(losses) / len(losses)
+        mean = torch.stack(losses).mean()
+        if self.engine.reducer is not None:
+            mean = self.engine.reducer.mean(mean, counted=False)
+        return mean.item()
 
     # -- checkpoints and faults -----------------------------------------------------------------
     def identity(self) -> dict:
@@ -221,11 +291,15 @@ class Trainer:
         if initial is not None and not math.isfinite(initial):  # a checkpoint holds no NaN (its schema refuses them)
             initial = None
         metadata = {"config": resolved(self.config).to_dict(), "initial_val_loss": initial,
-                    "run_identity": self.data_identity, "schedule": self.schedule_history}
-        self.last_checkpoint = save_checkpoint(self.out, self.engine, position=self.position,
-                                               identity=self.identity(), metadata=metadata,
-                                               keep=self.config.keep_checkpoints)
-        return self.last_checkpoint
+                    "run_identity": self.data_identity, "schedule": self.schedule_history,
+                    "world_size": self.dist.world_size}
+        folder = self.out / "checkpoints" / f"step-{self.engine.step:06d}"
+        if self.dist.is_main:  # replicas are identical: one of them writes
+            folder = save_checkpoint(self.out, self.engine, position=self.position, identity=self.identity(),
+                                     metadata=metadata, keep=self.config.keep_checkpoints)
+        self._barrier()
+        self.last_checkpoint = folder
+        return folder
 
     def save_if_finite(self) -> str:
         """Save a checkpoint unless the weights or states went non-finite; says what was kept."""
@@ -282,6 +356,9 @@ class Trainer:
                                  f"finite checkpoint is {latest_checkpoint(self.out) or 'none'}", exit_code=3) from None
         self.engine.detach()
         final = self.out / "final"
+        if not self.dist.is_main:  # rank 0 exports (and speaks) for everyone
+            self._barrier()
+            return {"steps": self.engine.step, "weights": str(final), "rank": self.dist.rank, "quiet": True}
         # an HF folder (weights with LoRA adapters merged in, config.json, tokenizer) that transformers
         # loads, replacing an older final/ only once written whole
         weights = merged_state_dict(self.model) if has_lora(self.model) else base_state_dict(self.model)
@@ -304,7 +381,18 @@ class Trainer:
                    "rules": self.rule_summary}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.write_memory_report()
+        self._barrier()
         return summary
+
+
+class SilentLogbook:
+    """What ranks other than 0 log: nothing."""
+
+    def step(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class RunStopped(RuntimeError):
@@ -356,5 +444,11 @@ def train(config: TrainConfig) -> dict:
     """Library entry point: train according to `config`, return the summary (with --dry-run:
     plan, write the memory report, and return without training)."""
     if config.dry_run:
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 plans for everyone
+            return {"dry_run": True, "fits": True, "quiet": True}
         return dry_run(config.validate())
-    return Trainer(config).run()
+    try:
+        return Trainer(config).run()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -21,7 +21,7 @@ def resume(out, **settings):
 
 
 @pytest.mark.parametrize("change,flag,values", [
-    (dict(batch_size=4), "--batch-size", "used 2, this run 4"),
+    (dict(batch_size=4), "--batch-size", "used 2 x 1 rank(s), this run 4 x 1"),
     (dict(seq_len=8), "--seq-len", "used 16, this run 8"),
     (dict(accumulate=2), "--accumulate", "used 1, this run 2"),
     (dict(seed=1), "--seed", "used 0, this run 1"),

@@ -31,8 +31,9 @@ class BucketReducer:
         """Average `tensor` across ranks, then call apply(mean). `full_numel`: the elements of the
         parameter's full gradient (what a plain all-reduce would send), for the metrics."""
         self._bucket.append((tensor, apply))
-        self._bucket_bytes += tensor.numel() * 4
-        self.full_bytes += full_numel * 4
+        size = 8 if tensor.dtype == torch.float64 else 4  # bytes per element on the wire
+        self._bucket_bytes += tensor.numel() * size
+        self.full_bytes += full_numel * size
         if self._bucket_bytes >= self.bucket_bytes:
             self._launch()
 
@@ -45,8 +46,9 @@ class BucketReducer:
 
     def _launch(self) -> None:
         bucket, self._bucket, self._bucket_bytes = self._bucket, [], 0
-        flat = torch.cat([t.reshape(-1).float() for t, _ in bucket])
-        self.bytes_sent += flat.numel() * 4
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t, _ in bucket) else torch.float32
+        flat = torch.cat([t.reshape(-1).to(dtype) for t, _ in bucket])  # bf16 sums travel as fp32
+        self.bytes_sent += flat.numel() * flat.element_size()
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self._in_flight.append((work, flat, bucket))
         while len(self._in_flight) > 1:
@@ -63,11 +65,13 @@ class BucketReducer:
             offset += n
 
     # -- synchronous collectives for refreshes --------------------------------------------------
-    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The average of `tensor` over ranks (fp32), now."""
-        total = tensor.float().clone() if tensor.dtype != torch.float32 else tensor.clone()
+    def mean(self, tensor: torch.Tensor, counted: bool = True) -> torch.Tensor:
+        """The average of `tensor` over ranks (fp32, or fp64), now. `counted`: add it to the
+        traffic the metrics report (a refresh's full gradient is; the step's loss is not)."""
+        total = tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32, copy=True)
         dist.all_reduce(total, group=self.group)
-        self.bytes_sent += total.numel() * 4
+        if counted:
+            self.bytes_sent += total.numel() * total.element_size()
         return total.div_(self.world_size)
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:

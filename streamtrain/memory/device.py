@@ -52,6 +52,19 @@ def overhead_lines(target: str, peak: dict, svd_extra: int | None = None) -> lis
     return lines
 
 
+def communication_lines(world_size: int, weight_bytes: int) -> list[dict]:
+    """Data parallelism's own memory on each rank: the hooks' step gradients held in buckets
+    until their all-reduce is launched, and the flat buffers in flight (distributed/reducer.py
+    keeps at most two buckets alive); a small model's buckets hold its whole gradient at most
+    (fp32: up to twice the bytes of bf16 weights), twice."""
+    if world_size <= 1:
+        return []
+    from ..distributed.reducer import BUCKET_BYTES
+    size = min(4 * BUCKET_BYTES, 4 * weight_bytes)
+    return [line("all-reduce buckets", size, f"{world_size} data-parallel ranks: 2 buckets of up to "
+                 f"{BUCKET_BYTES // MiB} MiB in flight, each held twice (step gradients and the flat buffer)")]
+
+
 def line(label: str, size: int, note: str) -> dict:
     return {"label": label, "bytes": int(size), "note": note}
 

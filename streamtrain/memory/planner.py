@@ -24,6 +24,7 @@ micro-batch size, which gives the largest one that fits.
 """
 import contextlib
 import math
+import os
 import re
 import time
 from dataclasses import replace
@@ -37,7 +38,7 @@ from ..config import TrainConfig, command_line
 from ..models.hf_config import uniform_layers, with_layers
 from ..recipe import build_engine, build_run_model, model_config_of, prepare_model, sync_structure
 from ..optim.state import PRECISIONS
-from .device import overhead_lines, svd_workspace_bytes
+from .device import communication_lines, overhead_lines, svd_workspace_bytes
 from .tracker import CATEGORIES, MemoryTracker
 from .units import format_bytes, parse_bytes
 
@@ -127,11 +128,18 @@ def materialize(model: nn.Module) -> None:
 
 
 # -- a plan --------------------------------------------------------------------------------------
-def breakdown(target: str, peak: dict, timeline: list[dict], budget: int | None) -> dict:
+def planned_world_size(config: TrainConfig) -> int:
+    """The data-parallel ranks a plan is for: --world-size, else torchrun's WORLD_SIZE, else 1.
+    A plan is per rank: each holds the whole model (replicated data parallelism)."""
+    return config.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def breakdown(target: str, peak: dict, timeline: list[dict], budget: int | None, world_size: int = 1) -> dict:
     """Category lines of the tensor peak, the device's overhead lines, the total and the verdict."""
     categories = [{"label": c, "bytes": int(peak["by_category"].get(c, 0)), "note": CATEGORY_NOTES[c]}
                   for c in CATEGORIES]
-    overheads = overhead_lines(target, peak, svd_extra(timeline, peak["total"]))
+    overheads = (overhead_lines(target, peak, svd_extra(timeline, peak["total"]))
+                 + communication_lines(world_size, peak["by_category"].get("weights", 0)))
     total = peak["total"] + sum(o["bytes"] for o in overheads)
     return {"categories": categories, "overheads": overheads, "tensor_peak": peak["total"],
             "total": total, "fits": budget is None or total <= budget}
@@ -153,7 +161,7 @@ def plan_config(config: TrainConfig, target: str | None = None, budget: int | No
                    for L in SHALLOW_LAYERS}
         summary = extrapolate_summary(shallow, depth)
     return {"target": target, "budget": budget, "peak": summary["peak"],
-            **breakdown(target, summary["peak"], summary["timeline"], budget),
+            **breakdown(target, summary["peak"], summary["timeline"], budget, planned_world_size(config)),
             "max_by_category": summary["max_by_category"], "host_bytes": summary["host_peak"],
             "step_peaks": summary["step_peaks"],
             "timeline": summary["timeline"], "simulated": summary["simulated"]}
@@ -358,7 +366,8 @@ def phase_totals(trial: TrainConfig, model_config, target: str, batch_size: int)
     runs = {L: simulate(replace(trial, batch_size=batch_size), with_layers(model_config, L), steps=1)
             for L in (SHALLOW_LAYERS if shallow else (depth,))}
     table = (extrapolate_summary(runs, depth) if shallow else runs[depth])["timeline"]
-    return {(r["step"], r["micro"], r["phase"]): device_total(target, r) for r in table}
+    world_size = planned_world_size(trial)
+    return {(r["step"], r["micro"], r["phase"]): device_total(target, r, world_size) for r in table}
 
 
 def phase_table(timeline: list[dict], layers: int) -> dict:
@@ -395,13 +404,14 @@ def svd_extra(timeline: list[dict], tensor_peak: int) -> int | None:
     return max(0, max(needs) - tensor_peak) if needs else None
 
 
-def device_total(target: str, record: dict) -> float:
+def device_total(target: str, record: dict, world_size: int = 1) -> float:
     """A phase's bytes on the device: its tensor peak plus the overheads (and the SVD workspace
-    if it ran an SVD)."""
+    if it ran an SVD, and the all-reduce buckets under data parallelism)."""
     tensors = sum(record["at_peak"].values())
     peak = {"total": tensors, "rounded_total": tensors, "by_category": record["at_peak"]}
     svd = svd_workspace_bytes(record["svd"]) if record.get("svd") else None
-    return tensors + sum(o["bytes"] for o in overhead_lines(target, peak, svd))
+    lines = overhead_lines(target, peak, svd) + communication_lines(world_size, record["at_peak"].get("weights", 0))
+    return tensors + sum(o["bytes"] for o in lines)
 
 
 def interpolate(xs, ys, x):
