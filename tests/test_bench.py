@@ -1,5 +1,6 @@
 """The benchmark's machinery on tiny configurations (seconds). No timing is asserted: speed and
 memory claims live in the published table, these tests check the numbers the table is built from."""
+import json
 import math
 import sys
 from dataclasses import asdict, replace
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from streamtrain import bench
-from streamtrain.bench import cli, hooks, runner
+from streamtrain.bench import cli, hooks, recipe_check, runner
 from streamtrain.bench.comparisons import goal_results
 from streamtrain.config import TrainConfig
+from streamtrain.methods import low_rank_names
 from streamtrain.models.llama import build_model
 from streamtrain.models.presets import get_config
 from streamtrain.optim.schedule import ConstantSchedule
@@ -67,7 +69,9 @@ def test_a_tensor_learning_rate_is_filled_in_place():
 
 
 def test_rows_in_their_own_processes_match_and_report():
-    report = bench.benchmark(TINY, "cpu", only=["torch-adamw", "engine-adamw"], svd=False, log=lambda s: None)
+    # one process per row (time, then memory): the separate-process schedule is test_schedule_...'s
+    preset = replace(TINY, one_process=True)
+    report = bench.benchmark(preset, "cpu", only=["torch-adamw", "engine-adamw"], svd=False, log=lambda s: None)
     base, engine = report["rows"]["torch-adamw"], report["rows"]["engine-adamw"]
     assert "error" not in base and "error" not in engine, (base, engine)
     # same data, seed and math in two processes: the engine's AdamW lands where torch.optim.AdamW does
@@ -94,6 +98,34 @@ def test_rows_in_their_own_processes_match_and_report():
     markdown = bench.to_markdown(report)
     assert "| torch-adamw (base) |" in markdown and "1.00x" in markdown
     assert f"{engine['val_loss']:.4f}" in markdown
+
+
+def test_galore_torch_runs_galore_on_the_matrices_the_engine_would():
+    pytest.importorskip("galore_torch")
+    model = tiny_model()
+    low_rank = set(low_rank_names(model))
+    make, per_parameter = bench.optimizer_recipe("galore-torch", TrainConfig(rank=4, galore_gap=2), low_rank)
+    runner_ = bench.TorchOptimizers(model, ConstantSchedule(1e-3), make, per_parameter)
+    galore = {n for n, p in runner_.named if "rank" in runner_.optimizers[p].param_groups[0]}
+    assert per_parameter and galore == low_rank and len(galore) == 2 * 7  # 2 blocks x q, k, v, o, gate, up, down
+    runner_.detach()
+
+
+def test_recipe_check_trains_and_writes_the_plan_next_to_the_measurement(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = recipe_check.main(["--model", "byte-tiny", "--method", "galore", "--rank", "8", "--states", "8bit",
+                              "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--accumulate", "2",
+                              "--budget", "1GB", "--device", "cpu", "--eval-batches", "1", "--no-progress",
+                              "--max-data-bytes", "100000", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "recipe.json").read_text())
+    assert result["steps"] == 2 and len(result["step_s"]) == 2 and len(result["losses"]) == 2
+    assert result["tokens_per_step"] == 2 * 32 * 2
+    # on CPU the tracker measures the same tensors the planner simulated
+    assert result["tensor_peak_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert "Planned vs measured" in (out / "memory.md").read_text()
+    assert not (out / "checkpoints").exists() and not (out / "final").exists()  # a check writes no weights
+    assert "recipe check: 2 steps on cpu" in capsys.readouterr().out
 
 
 def test_memory_run_sees_gradients_freed_in_hooks():
@@ -173,14 +205,15 @@ def test_key_comparisons_judge_the_issue_goals():
     def row(step, cpu):
         return dict(median_step_s=step, median_step_cpu_s=cpu, worst_over_median=1.5, val_loss=3.0)
     rows = {"engine-adamw": row(0.2, 0.2), "torch-adamw-fused-hooks": row(0.25, 0.18),
-            "engine-adamw-8bit": row(0.3, 0.3)}
-    lines = bench.key_comparisons(rows, "cpu")
+            "engine-adamw-8bit": row(0.3, 0.3), "engine-galore": row(0.3, 0.3)}
+    lines = bench.key_comparisons(rows, "cpu", skipped=["galore-torch-per-layer"])
     fused = next(line for line in lines if "vs torch-adamw-fused-hooks" in line)
     assert "step time 0.80x (CPU time 1.11x)" in fused
     assert "goal <= 1.00x: step time met, CPU time NOT met" in fused
     own = next(line for line in lines if line.startswith("- engine-adamw-8bit vs engine-adamw:"))
     assert "step time 1.50x" in own and "goal <= 1.30x: step time NOT met" in own
     assert any(line.startswith("- engine-galore vs galore-torch-per-layer: not measured") for line in lines)
+    assert not any("bnb-adamw8bit" in line for line in lines)  # neither run nor skipped: not asked for
     goals = goal_results(rows)
     assert [(g["row"], g["other"], g["goal"]) for g in goals] == [
         ("engine-adamw", "torch-adamw-fused-hooks", 1.0), ("engine-adamw-8bit", "engine-adamw", 1.3)]

@@ -11,7 +11,7 @@ from .measure import worker_main
 from .presets import PRESETS
 from .report import to_markdown
 from .rows import BASELINE, describe, discover_rows
-from .runner import benchmark
+from .runner import WORKER_TIMEOUT_S, benchmark
 
 DESCRIPTION = "Speed, memory and quality of every update path, side by side, as ratios."
 
@@ -27,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads per worker (default: the preset's; 0: torch's choice)")
     p.add_argument("--repeats", type=int, default=None, help="timing rounds over all rows (default: the preset's)")
+    p.add_argument("--worker-timeout", type=float, default=WORKER_TIMEOUT_S,
+                   help="seconds one worker process may run before its row is marked failed (default: %(default)s)")
     p.add_argument("--no-svd", dest="svd", action="store_false", help="leave out the SVD comparison")
     p.add_argument("--no-hooks", dest="hooks", action="store_false", help="leave out the hook-overhead section")
     p.add_argument("--out", default=None, help="output path without suffix (default: profiles/bench-DEVICE "
@@ -67,9 +69,9 @@ def main(argv=None) -> int:
 
 def run(args, device: str) -> dict:
     chosen = {k: v for k, v in (("threads", args.threads), ("repeats", args.repeats)) if v is not None}
-    if chosen.get("threads", 0) < 0 or chosen.get("repeats", 1) < 1:
-        raise ValueError("--threads must be >= 0 and --repeats >= 1")
+    if chosen.get("threads", 0) < 0 or chosen.get("repeats", 1) < 1 or args.worker_timeout <= 0:
+        raise ValueError("--threads must be >= 0, --repeats >= 1 and --worker-timeout > 0")
     preset = replace(PRESETS[args.preset], **chosen)
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     return benchmark(preset, device, only, args.baseline, args.svd, args.hooks, args.preset,
-                     log=lambda s: print(s, file=sys.stderr, flush=True))
+                     log=lambda s: print(s, file=sys.stderr, flush=True), worker_timeout_s=args.worker_timeout)

@@ -33,12 +33,16 @@ def ratio(value, base) -> str:
     return f"{value / base:.2f}x" if value and base else "-"
 
 
-def key_comparisons(rows: dict, device: str) -> list[str]:
+def key_comparisons(rows: dict, device: str, skipped=()) -> list[str]:
+    """One line per comparison whose rows were both asked for (run, or in `skipped`: names of
+    rows this installation cannot run)."""
     lines = []
     for c in COMPARISONS:
-        a, b = rows.get(c.row), rows.get(c.other)
+        if not {c.row, c.other} <= set(rows) | set(skipped):
+            continue
+        a, b = rows.get(c.row, {}), rows.get(c.other, {})
         title = f"- {c.row} vs {c.other}" + (f" ({c.what})" if c.what else "")
-        if not a or not b or "median_step_s" not in a or "median_step_s" not in b:
+        if "median_step_s" not in a or "median_step_s" not in b:
             lines.append(f"{title}: not measured (a row was skipped or failed, see below)")
             continue
         parts = [f"step time {ratio(a['median_step_s'], b['median_step_s'])}"

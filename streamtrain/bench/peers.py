@@ -11,7 +11,6 @@ import importlib
 import torch
 
 from ..config import TrainConfig
-from ..methods import is_low_rank_target
 
 # driver -> the module it needs (None: torch alone)
 PEER_MODULES = {"torch": None, "fused-hooks": None, "galore-torch": "galore_torch",
@@ -43,8 +42,9 @@ def untrackable_reason(row) -> str | None:
     return UNTRACKABLE.get(row.driver)
 
 
-def optimizer_recipe(driver: str, config: TrainConfig):
-    """(make_optimizer(name, params), per_parameter) for a row that is not the engine."""
+def optimizer_recipe(driver: str, config: TrainConfig, low_rank=frozenset()):
+    """(make_optimizer(name, params), per_parameter) for a row that is not the engine.
+    `low_rank`: names of the matrices GaLore governs (the engine's choice: methods.low_rank_names)."""
     adam = dict(lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
     if driver == "torch":
         return (lambda name, params: torch.optim.AdamW(as_list(params), **adam)), False
@@ -57,11 +57,11 @@ def optimizer_recipe(driver: str, config: TrainConfig):
         from torchao.optim import AdamW8bit
         return (lambda name, params: AdamW8bit(as_list(params), **adam)), False
     if driver in ("galore-torch", "galore-torch-8bit"):
-        return galore_torch_recipe(driver, config, adam), True
+        return galore_torch_recipe(driver, config, adam, low_rank), True
     raise ValueError(f"unknown bench driver {driver!r}")
 
 
-def galore_torch_recipe(driver: str, config: TrainConfig, adam: dict):
+def galore_torch_recipe(driver: str, config: TrainConfig, adam: dict, low_rank):
     """The authors' per-layer recipe: GaLore on the attention/MLP matrices, Adam elsewhere, one
     optimizer per parameter (8-bit: GaLoreAdamW8bit and bitsandbytes' Adam8bit)."""
     galore = dict(rank=config.rank, update_proj_gap=config.galore_gap, scale=config.galore_scale, proj_type="std")
@@ -69,14 +69,14 @@ def galore_torch_recipe(driver: str, config: TrainConfig, adam: dict):
         from galore_torch import GaLoreAdamW
 
         def make(name, p):
-            group = {"params": [p], **(galore if is_low_rank_target(name, p) else {})}
+            group = {"params": [p], **(galore if name in low_rank else {})}
             return GaLoreAdamW([group], no_deprecation_warning=True, **adam)
         return make
     import bitsandbytes as bnb
     from galore_torch import GaLoreAdamW8bit
 
     def make_8bit(name, p):
-        if is_low_rank_target(name, p):
+        if name in low_rank:
             return GaLoreAdamW8bit([{"params": [p], **galore}], **adam)
         return bnb.optim.Adam8bit([p], **adam)
     return make_8bit

@@ -53,8 +53,8 @@ PRESETS = {
     # (the timed run reads the allocator's peaks), refreshes inside the window
     "gpu": Preset("byte-small", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                                      num_attention_heads=12),
-                  steps=24, batch_size=8, seq_len=512, warmup_skip=6, tracked_steps=2, rank=128, gap=8,
-                  threads=0, memory_runs=False, eval_batches=2,
+                  steps=20, batch_size=8, seq_len=512, warmup_skip=5, tracked_steps=2, rank=128, gap=8,
+                  threads=0, memory_runs=False, eval_batches=2, max_data_bytes=2_000_000,
                   rows=("torch-adamw", "torch-adamw-fused-hooks", "engine-adamw", "engine-adamw-8bit",
                         "engine-galore", "engine-galore-exact-all", "galore-torch-per-layer",
                         "torchao-adamw8bit", "bnb-adamw8bit"),

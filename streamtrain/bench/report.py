@@ -18,7 +18,8 @@ def to_markdown(report: dict) -> str:
         label = f"{name} (base)" if name == base_name else name
         cells = [r["error"]] if "error" in r else [cell(r, base) for _, cell in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Key comparisons", ""] + key_comparisons(rows, report["device"])
+    skipped = [line.split(":", 1)[0] for line in report["skipped"]]
+    lines += ["", "## Key comparisons", ""] + (key_comparisons(rows, report["device"], skipped) or ["none among these rows"])
     lines += ["", "## Rows", ""] + [f"- `{n}`: {r['row']['note'] or describe(r['row'])}" for n, r in rows.items()]
     lines += [f"- skipped: {line}" for line in report["skipped"]]
     if "hooks" in report:
@@ -30,7 +31,7 @@ def to_markdown(report: dict) -> str:
 def memory_columns(device: str, memory_runs: bool = True) -> list[tuple[str, str]]:
     columns = [("peak_tensor_bytes", "peak tensors MB")] if memory_runs else []
     if device == "cuda":
-        return columns + [("cuda_allocated_peak_bytes", "CUDA allocated MB"), ("cuda_nvml_peak_bytes", "NVML MB")]
+        return columns + [("cuda_allocated_peak_bytes", "CUDA allocated MB"), ("cuda_nvml_peak_bytes", "NVML MB at the end")]
     return columns + [("rss_peak_bytes", "peak RSS MB")]
 
 
@@ -96,8 +97,8 @@ def method_lines(preset: dict) -> list[str]:
                      "(MALLOC_MMAP_THRESHOLD_=65536); `states`: the tracker's largest optimizer-state bytes. "
                      "Ratios are to the base row.")
     else:
-        lines.append("- Memory: the CUDA caching allocator's peak and NVML's figure for the process over the timed "
-                     "run. Ratios are to the base row.")
+        lines.append("- Memory: the CUDA caching allocator's peak over the timed run and NVML's figure for the "
+                     "process at its end. Ratios are to the base row.")
     return lines
 
 

@@ -27,7 +27,7 @@ WORKER_TIMEOUT_S = 1200
 
 
 def benchmark(preset: Preset, device: str, only=None, baseline: str = BASELINE, svd: bool = True,
-              hooks: bool = True, name: str = "custom", log=print) -> dict:
+              hooks: bool = True, name: str = "custom", log=print, worker_timeout_s: float = WORKER_TIMEOUT_S) -> dict:
     """Run every available row (the preset's, or those in `only`), each in its own processes;
     then the hook-overhead and SVD sections. Returns the report (see report.py)."""
     rows, skipped = discover_rows(device, only or preset.rows)
@@ -41,13 +41,15 @@ def benchmark(preset: Preset, device: str, only=None, baseline: str = BASELINE, 
               "machine": machine_description(device), "load_average_start": load_average(), "skipped": skipped}
     with tempfile.TemporaryDirectory() as caches:
         env = worker_env(preset, caches)
-        report["rows"] = measure_rows(rows, preset, device, log, env)
+        report["rows"] = measure_rows(rows, preset, device, log, env, worker_timeout_s)
         if hooks and preset.hooks:
             log(f"[bench] hook overhead: {preset.hooks['layers']} tiny linears ...")
-            report["hooks"] = run_in_worker({"kind": "hooks", "preset": asdict(preset), "device": device})
+            report["hooks"] = run_in_worker({"kind": "hooks", "preset": asdict(preset), "device": device},
+                                            worker_timeout_s)
         if svd:
             log(f"[bench] svd {preset.svd_shape} rank {preset.svd_rank} ...")
-            report["svd"] = run_in_worker({"kind": "svd", "preset": asdict(preset), "device": device})
+            report["svd"] = run_in_worker({"kind": "svd", "preset": asdict(preset), "device": device},
+                                          worker_timeout_s)
     report["goals"] = goal_results(report["rows"])
     report["load_average_end"] = load_average()
     return report
@@ -75,7 +77,8 @@ def schedule(rows: list[Row], preset: Preset) -> list[list[tuple[Row, str]]]:
     return [[(row, "memory") for row in rows]] + timing
 
 
-def measure_rows(rows: list[Row], preset: Preset, device: str, log, env: dict | None = None) -> dict:
+def measure_rows(rows: list[Row], preset: Preset, device: str, log, env: dict | None = None,
+                 worker_timeout_s: float = WORKER_TIMEOUT_S) -> dict:
     results = {row.name: {"row": asdict(row), "step_wall_s": [], "step_cpu_s": [], "first_step_s": []}
                for row in rows}
     env = env or {"memory": MEMORY_ENV, "both": MEMORY_ENV}
@@ -85,7 +88,7 @@ def measure_rows(rows: list[Row], preset: Preset, device: str, log, env: dict | 
         if "error" in results[row.name]:
             return
         spec = {"row": asdict(row), "preset": asdict(preset), "device": device, "kind": kind}
-        measured = run_in_worker(spec, env=env.get(kind))
+        measured = run_in_worker(spec, worker_timeout_s, env.get(kind))
         merge(results[row.name], measured)
         log(f"[bench] {kind:6s} {row.name}: {measured.get('error', 'ok')}")
 

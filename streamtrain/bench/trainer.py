@@ -18,8 +18,10 @@ from unittest import mock
 import torch
 
 from ..config import TrainConfig
-from ..memory.device import cuda_step_measurement
+from ..memory.device import process_bytes_nvml
 from ..memory.profiler import RunProfiler
+from ..methods import low_rank_names
+from ..recipe import low_rank_targets
 from ..train import Trainer
 from .peers import optimizer_recipe
 from .rows import Row
@@ -51,11 +53,12 @@ class StepClock:
 
 
 class PeaksOnlyProfiler:
-    """The part of RunProfiler that Trainer calls, without the tensor tracker: on CUDA the
-    allocator's and NVML's peaks after every step, on CPU nothing."""
+    """The part of RunProfiler that Trainer calls, without the tensor tracker and without work
+    between steps (that would land in the next step's time): on CUDA the allocator's peaks over
+    the whole run and NVML's figure for the process at the end; on CPU nothing."""
 
     def __init__(self, device: torch.device):
-        self.device, self.cuda_steps = device, []
+        self.device = device
 
     @contextlib.contextmanager
     def tracking(self):
@@ -64,16 +67,14 @@ class PeaksOnlyProfiler:
         yield self
 
     def after_step(self) -> None:
-        if self.device.type == "cuda":
-            self.cuda_steps.append(cuda_step_measurement(self.device))
+        pass
 
     def measured(self) -> dict:
-        if not self.cuda_steps:
+        if self.device.type != "cuda":
             return {}
-        nvml = [s["nvml_process"] for s in self.cuda_steps if s["nvml_process"] is not None]
-        return {"cuda": {"allocated_peak": max(s["allocated_peak"] for s in self.cuda_steps),
-                         "reserved_peak": max(s["reserved_peak"] for s in self.cuda_steps),
-                         "nvml_peak": max(nvml) if nvml else None}}
+        return {"cuda": {"allocated_peak": torch.cuda.max_memory_allocated(self.device),
+                         "reserved_peak": torch.cuda.max_memory_reserved(self.device),
+                         "nvml_peak": process_bytes_nvml(self.device)}}
 
 
 class BenchTrainer(Trainer):
@@ -87,7 +88,8 @@ class BenchTrainer(Trainer):
             schedule = self.engine.schedule
             self.engine.detach()
             self.engine = None   # its states are freed before any peak is read
-            make, per_parameter = optimizer_recipe(row.driver, config)
+            low_rank = set(low_rank_names(self.model, low_rank_targets(config)))
+            make, per_parameter = optimizer_recipe(row.driver, config, low_rank)
             self.engine = TorchOptimizers(self.model, schedule, make, per_parameter)
             self.profiler = RunProfiler(self.model, self.engine, self.device)
         if not track_tensors:
