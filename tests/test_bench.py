@@ -12,6 +12,7 @@ from streamtrain import bench
 from streamtrain.bench import cli, hooks, recipe_check, runner
 from streamtrain.bench.comparisons import goal_results
 from streamtrain.config import TrainConfig
+from streamtrain.memory.profiler import BudgetExceeded, RunProfiler
 from streamtrain.methods import low_rank_names
 from streamtrain.models.llama import build_model
 from streamtrain.models.presets import get_config
@@ -111,13 +112,15 @@ def test_galore_torch_runs_galore_on_the_matrices_the_engine_would():
     runner_.detach()
 
 
+def recipe_check_args(out, steps=2):
+    return ["--model", "byte-tiny", "--method", "galore", "--rank", "8", "--states", "8bit", "--steps", str(steps),
+            "--batch-size", "2", "--seq-len", "32", "--accumulate", "2", "--budget", "1GB", "--device", "cpu",
+            "--eval-batches", "1", "--no-progress", "--max-data-bytes", "100000", "--out", str(out)]
+
+
 def test_recipe_check_trains_and_writes_the_plan_next_to_the_measurement(tmp_path, capsys):
     out = tmp_path / "run"
-    code = recipe_check.main(["--model", "byte-tiny", "--method", "galore", "--rank", "8", "--states", "8bit",
-                              "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--accumulate", "2",
-                              "--budget", "1GB", "--device", "cpu", "--eval-batches", "1", "--no-progress",
-                              "--max-data-bytes", "100000", "--out", str(out)])
-    assert code == 0
+    assert recipe_check.main(recipe_check_args(out)) == 0
     result = json.loads((out / "recipe.json").read_text())
     assert result["steps"] == 2 and len(result["step_s"]) == 2 and len(result["losses"]) == 2
     assert result["tokens_per_step"] == 2 * 32 * 2
@@ -126,6 +129,21 @@ def test_recipe_check_trains_and_writes_the_plan_next_to_the_measurement(tmp_pat
     assert "Planned vs measured" in (out / "memory.md").read_text()
     assert not (out / "checkpoints").exists() and not (out / "final").exists()  # a check writes no weights
     assert "recipe check: 2 steps on cpu" in capsys.readouterr().out
+
+
+def test_a_recipe_check_stopped_over_budget_still_reports(tmp_path, monkeypatch, capsys):
+    after_step = RunProfiler.after_step
+
+    def over_budget(profiler):  # the first step measures as usual, then counts as over the budget
+        after_step(profiler)
+        raise BudgetExceeded("step 0 used 25 GB, over the budget of 24 GB")
+    monkeypatch.setattr(RunProfiler, "after_step", over_budget)
+    out = tmp_path / "run"
+    assert recipe_check.main(recipe_check_args(out, steps=3)) == 1
+    result = json.loads((out / "recipe.json").read_text())
+    assert result["steps"] == 1 and "over the budget of 24 GB" in result["stopped"] and len(result["step_s"]) == 1
+    assert result["planned_total_bytes"] > 0 and (out / "memory.md").exists()
+    assert "error: step 0 used 25 GB" in capsys.readouterr().err
 
 
 def test_memory_run_sees_gradients_freed_in_hooks():

@@ -40,10 +40,13 @@ class RecipeTrainer(BenchTrainer):
 
     def finish(self) -> dict:
         summary = super().finish()
-        report = self.write_memory_report()
+        print(f"memory report: {self.write_memory_report()}", flush=True)
+        return self.write_result(summary)
+
+    def write_result(self, summary: dict) -> dict:
+        """recipe.json; also after a stop (over budget, out of memory), with the reason."""
         result = recipe_result(self, summary)
         (self.out / "recipe.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(f"memory report: {report}", flush=True)
         return result
 
 
@@ -56,7 +59,8 @@ def recipe_result(trainer: RecipeTrainer, summary: dict) -> dict:
     result = {**summary, "step_s": wall, "tokens_per_step": tokens,
               "tokens_per_s_after_first": tokens / statistics.median(later) if later else None,
               "losses": [r["loss"] for r in trainer.history],
-              "setup_peak_bytes": trainer.setup_peak, "planned_total_bytes": plan.get("total"), "planned_tensor_peak_bytes": plan.get("tensor_peak"),
+              "setup_peak_bytes": trainer.setup_peak, "planned_total_bytes": plan.get("total"),
+              "planned_tensor_peak_bytes": plan.get("tensor_peak"),
               "measured_tensor_peak_bytes": measured.get("peak", {}).get("total")}
     cuda = measured.get("cuda")
     if cuda:
@@ -113,13 +117,16 @@ def main(argv=None) -> int:
             raise ConfigError("--dry-run: a recipe check trains; plan only with python -m streamtrain.run --dry-run")
         if args.cap_from_start:
             cap_from_start(config)
-        result = RecipeTrainer(config).run()
-    except RunStopped as e:  # over budget or out of memory: the memory report says what was measured
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except (ConfigError, ValueError, OSError) as e:
+        trainer = RecipeTrainer(config)
+    except (ConfigError, ValueError, OSError) as e:  # a bad flag, or a plan that does not fit
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        result = trainer.run()
+    except RunStopped as e:  # over budget or out of memory: the memory report says what was measured
+        trainer.write_result({"steps": trainer.engine.step, "stopped": str(e)})
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     print(summary_line(result))
     return 0
 
