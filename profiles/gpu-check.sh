@@ -20,7 +20,8 @@ set -uo pipefail
 ACCUMULATE=${ACCUMULATE:-4}   # the recipe accumulates 32 micro-batches; 4 give the same peak (plans: 22.62 vs 22.56 GB)
 STEPS=${STEPS:-3}             # step 0 takes all 224 first subspaces; steps 1-2 are plain steps
 PEER_WHEELS="torchao==0.18.0 bitsandbytes==0.50.2 galore-torch==1.0"
-CAP_SETUP=40 CAP_TESTS=90 CAP_RECIPE=180 CAP_BENCH=170   # 480 s at most
+CAP_SETUP=${CAP_SETUP:-40} CAP_TESTS=${CAP_TESTS:-90}   # seconds; 480 in all by default
+CAP_RECIPE=${CAP_RECIPE:-180} CAP_BENCH=${CAP_BENCH:-170}
 
 usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; }
 

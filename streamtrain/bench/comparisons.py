@@ -45,9 +45,10 @@ def key_comparisons(rows: dict, device: str, skipped=()) -> list[str]:
         if "median_step_s" not in a or "median_step_s" not in b:
             lines.append(f"{title}: not measured (a row was skipped or failed, see below)")
             continue
+        worst = worst_key(device)
         parts = [f"step time {ratio(a['median_step_s'], b['median_step_s'])}"
                  + ("" if device == "cuda" else f" (CPU time {ratio(a['median_step_cpu_s'], b['median_step_cpu_s'])})"),
-                 f"worst/median {a['worst_over_median']:.2f} vs {b['worst_over_median']:.2f}"]
+                 f"worst/median {two_places(a.get(worst))} vs {two_places(b.get(worst))}"]
         if c.goal is not None:
             parts.append(verdict(a, b, c.goal, device))
         for key, label in (("peak_tensor_bytes", "peak tensors"), ("rss_peak_bytes", "peak RSS"),
@@ -58,6 +59,17 @@ def key_comparisons(rows: dict, device: str, skipped=()) -> list[str]:
             parts.append(f"val loss {a['val_loss']:.4f} vs {b['val_loss']:.4f}")
         lines.append(f"{title}: " + ", ".join(parts))
     return lines
+
+
+def two_places(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def worst_key(device: str) -> str:
+    """The worst/median figure a table shows: wall time on CUDA (CPU time says little about
+    asynchronous GPU work), CPU time on CPU (one thread per worker: the wall clock's worst step
+    is often another process's)."""
+    return "worst_over_median" if device == "cuda" else "worst_over_median_cpu"
 
 
 def verdict(a: dict, b: dict, goal: float, device: str) -> str:

@@ -1,7 +1,7 @@
 """The benchmark report as Markdown: the table, the key comparisons, the hook overhead, the SVD pair."""
 import torch
 
-from .comparisons import key_comparisons, ratio
+from .comparisons import key_comparisons, ratio, worst_key
 from .presets import PRESETS
 from .rows import describe
 
@@ -41,7 +41,7 @@ def table_columns(device: str, memory_runs: bool = True) -> list:
                ("vs base", lambda r, b: ratio(r["median_step_s"], b.get("median_step_s"))),
                ("CPU ms/step", lambda r, b: f"{r['median_step_cpu_s'] * 1e3:.0f}"),
                ("vs base", lambda r, b: ratio(r["median_step_cpu_s"], b.get("median_step_cpu_s"))),
-               ("worst/median", lambda r, b: f"{r['worst_over_median']:.2f}"),
+               ("worst/median", lambda r, b: fmt(r.get(worst_key(device)), ".2f")),
                ("first step s", lambda r, b: fmt(r.get("cold_start_s"), ".2f")),
                ("tokens/s", lambda r, b: f"{r['tokens_per_s']:.0f}")]
     for key, header in memory_columns(device, memory_runs):
@@ -72,14 +72,14 @@ def header_lines(report: dict) -> list[str]:
         f"corpus, seed 0; {preset['steps']} steps x {preset['batch_size']} x {preset['seq_len']} tokens per "
         f"row; lr {preset['lr']}; rank {preset['rank']}, GaLore gap {preset['gap']} (refreshes fall inside the "
         "timed window).",
-        *method_lines(preset),
+        *method_lines(preset, device),
         f"- Load average (1, 5, 15 min): {report['load_average_start']} at the start, "
         f"{report['load_average_end']} at the end; `load`: the 1-minute load after each row's last run.",
         f"- Reproduce: `python -m streamtrain.bench --preset {report['preset']} --device {device}{threads_flag}`",
         ""]
 
 
-def method_lines(preset: dict) -> list[str]:
+def method_lines(preset: dict, device: str) -> list[str]:
     together = ("memory and time measured in one process per row, "
                 f"{preset['jobs']} rows at a time (a smoke check: rows share the cores)"
                 if preset["one_process"] or preset["jobs"] > 1 else "each row runs in fresh processes")
@@ -88,7 +88,8 @@ def method_lines(preset: dict) -> list[str]:
     lines = [f"- Method: {together}. `ms/step`: median wall time of the steps after the first "
              f"{preset['warmup_skip']}, pooled over {preset['repeats']} timing round(s) that visit the rows in "
              "turn; `CPU ms/step`: the same for the process's CPU time, steadier when other work shares the "
-             "machine; `worst/median`: the slowest of those steps over the median (GaLore: refresh spikes); "
+             "machine; `worst/median`: the slowest of those steps over the median (GaLore: refresh spikes), in "
+             f"{'wall' if device == 'cuda' else 'CPU'} time; "
              f"`first step s`: step 0 of the row's first timed run, left out of the median{cache}."]
     if preset["memory_runs"]:
         lines.append("- Memory: `peak tensors` is the peak of live tensor bytes that Trainer's memory profiler "

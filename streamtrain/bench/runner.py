@@ -112,13 +112,15 @@ def merge(result: dict, measured: dict) -> None:
 
 
 def step_statistics(result: dict, preset: Preset) -> dict:
-    """Median, mean and worst step of the pooled window, the cold start (the first step of the
+    """Median, mean and worst step of the pooled window (wall and CPU time: on a shared CPU the
+    wall clock's worst step is often another process's), the cold start (the first step of the
     row's first timed process) and tokens/s."""
-    wall = result["step_wall_s"]
-    median = statistics.median(wall)
+    wall, cpu = result["step_wall_s"], result["step_cpu_s"]
+    median, median_cpu = statistics.median(wall), statistics.median(cpu)
     return {"median_step_s": median, "mean_step_s": statistics.fmean(wall),
             "worst_step_s": max(wall), "worst_over_median": max(wall) / median,
-            "median_step_cpu_s": statistics.median(result["step_cpu_s"]),
+            "median_step_cpu_s": median_cpu,
+            "worst_over_median_cpu": max(cpu) / median_cpu if median_cpu > 0 else None,
             "cold_start_s": result["first_step_s"][0] if result["first_step_s"] else None,
             "tokens_per_s": preset.batch_size * preset.seq_len / median}
 
