@@ -105,12 +105,6 @@ recipe() {  # profiles/llama-7b-galore-r1024-seq256 (see README) with fewer micr
     args+=(--model byte-tiny --budget 1GB --device cpu --rank 16 --batch-size 4 --accumulate 2)
   fi
   python3 -m streamtrain.bench.recipe_check "${args[@]}"
-  local rc=$?
-  for f in memory.md memory.json memory.png recipe.json; do
-    [ -f "$WORK/recipe/$f" ] && cp "$WORK/recipe/$f" "$OUT_DIR/"
-  done
-  [ -f "$WORK/recipe/memory-report.txt" ] && sed -n '1,40p' "$WORK/recipe/memory-report.txt"
-  return "$rc"
 }
 
 bench() {
@@ -122,11 +116,15 @@ bench() {
     args+=(--preset quick --device cpu --only torch-adamw,torch-adamw-fused-hooks,engine-adamw,engine-galore --no-svd)
   fi
   python3 -m streamtrain.bench "${args[@]}" >/dev/null
-  local rc=$?
-  for f in bench.md bench.json; do
-    [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT_DIR/"
+}
+
+collect() {  # collect FOLDER FILE...: copy what a phase wrote into OUT_DIR (after the phase, even a killed one)
+  local folder=$1 f
+  shift
+  for f in "$@"; do
+    if [ -f "$folder/$f" ]; then cp "$folder/$f" "$OUT_DIR/"; fi
   done
-  return "$rc"
+  if [ -f "$folder/memory-report.txt" ]; then sed -n '1,40p' "$folder/memory-report.txt"; fi
 }
 
 summary() {
@@ -154,7 +152,9 @@ main() {
   phase setup "$CAP_SETUP" setup || { summary; return 1; }
   phase tests "$CAP_TESTS" cuda_tests
   phase recipe "$CAP_RECIPE" recipe
+  collect "$WORK/recipe" memory.md memory.json memory.png recipe.json
   phase bench "$CAP_BENCH" bench
+  collect "$WORK" bench.md bench.json
   summary
   [ "$FAILED" -eq 0 ]
 }

@@ -75,6 +75,13 @@ def recipe_result(trainer: RecipeTrainer, summary: dict) -> dict:
     return result
 
 
+def write_memory_report_if_measured(trainer: RecipeTrainer) -> None:
+    """The memory report of a stopped run (after a signal Trainer writes none), when at least
+    one step was measured."""
+    if trainer.engine.step > 0:
+        trainer.write_memory_report()
+
+
 def cap_from_start(config) -> None:
     """Cap the caching allocator to the budget now, before anything is allocated."""
     if not config.budget or not torch.cuda.is_available() or config.device == "cpu":
@@ -123,8 +130,9 @@ def main(argv=None) -> int:
         return 2
     try:
         result = trainer.run()
-    except RunStopped as e:  # over budget or out of memory: the memory report says what was measured
+    except RunStopped as e:  # over budget, out of memory or a signal: report what was measured
         trainer.write_result({"steps": trainer.engine.step, "stopped": str(e)})
+        write_memory_report_if_measured(trainer)
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     print(summary_line(result))
