@@ -185,6 +185,19 @@ def test_schedule_measures_memory_first_then_timing_rounds():
     assert kinds(replace(TINY, memory_runs=False)) == [[("a", "time"), ("b", "time")]]
 
 
+def test_workers_get_the_rows_backend_glibcs_setting_and_compile_caches_of_their_own():
+    row, other = bench.Row("a", "engine", env={"STREAMTRAIN_UPDATE_BACKEND": "reference"}), bench.Row("b", "engine")
+    fresh = replace(TINY, fresh_compile_cache=True)
+    memory = runner.worker_env(fresh, "memory", row, "/caches")
+    assert memory["STREAMTRAIN_UPDATE_BACKEND"] == "reference" and memory["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    timed = runner.worker_env(fresh, "time", row, "/caches")
+    assert "MALLOC_MMAP_THRESHOLD_" not in timed  # it slows allocation: timed runs go without it
+    caches = {runner.worker_env(fresh, kind, r, "/caches")["TORCHINDUCTOR_CACHE_DIR"]
+              for kind in ("memory", "time") for r in (row, other)}
+    assert len(caches) == 4  # no row's first step finds another run's compiled kernels
+    assert "TORCHINDUCTOR_CACHE_DIR" not in runner.worker_env(TINY, "time", other, "/caches")
+
+
 def test_missing_peers_are_skipped_with_one_line_each(monkeypatch):
     for module in ("galore_torch", "bitsandbytes", "torchao.optim"):
         monkeypatch.setitem(sys.modules, module, None)  # `import` raises ImportError

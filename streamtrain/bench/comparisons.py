@@ -19,12 +19,14 @@ class Comparison:
 COMPARISONS = (
     Comparison("engine-adamw", "torch-adamw"),
     Comparison("engine-adamw", "torch-adamw-fused-hooks", 1.0),
+    Comparison("engine-adamw", "engine-adamw-reference", what="default update backend vs reference"),
     Comparison("engine-galore", "galore-torch-per-layer", 0.9),
     Comparison("engine-galore", "engine-galore-exact-all", what="staggered randomized refreshes vs exact, all at once"),
     Comparison("engine-adamw-8bit", "bnb-adamw8bit", 1.0),
     Comparison("engine-adamw-8bit", "bnb-adamw8bit-hooks"),
     Comparison("engine-adamw-8bit", "torchao-adamw8bit"),
     Comparison("engine-adamw-8bit", "engine-adamw", 1.3),
+    Comparison("engine-adamw-8bit", "engine-adamw-8bit-reference", what="default update backend vs reference"),
     Comparison("engine-galore-8bit", "galore-torch-8bit-per-layer"),
 )
 

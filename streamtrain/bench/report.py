@@ -66,7 +66,8 @@ def header_lines(report: dict) -> list[str]:
     return [
         f"# streamtrain bench: preset `{report['preset']}` on {device}", "",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores ({threads} torch threads per worker){gpu}; "
-        f"torch {machine['torch']}, Python {machine['python']}; peers: {peers}.",
+        f"torch {machine['torch']}, Python {machine['python']}; peers: {peers}; engine update backend: "
+        f"{machine.get('update_backend', 'not recorded')} (STREAMTRAIN_UPDATE_BACKEND; `-reference` rows: reference).",
         f"- Workload: `{preset['model']}`{f' ({overrides})' if overrides else ''}, {parameters / 1e6:.1f}M "
         f"parameters{', activation checkpointing' if preset['activation_checkpointing'] else ''}; built-in "
         f"corpus, seed 0; {preset['steps']} steps x {preset['batch_size']} x {preset['seq_len']} tokens per "
@@ -83,7 +84,8 @@ def method_lines(preset: dict, device: str) -> list[str]:
     together = ("memory and time measured in one process per row, "
                 f"{preset['jobs']} rows at a time (a smoke check: rows share the cores)"
                 if preset["one_process"] or preset["jobs"] > 1 else "each row runs in fresh processes")
-    cache = ("; compile caches start empty, so it includes torch.compile's work (torchao)"
+    cache = ("; every row's compile caches start empty, so it includes torch.compile's work (torchao, the "
+             "engine's compiled 8-bit update)"
              if preset["fresh_compile_cache"] else "; compile caches are the machine's own (warm after a first run)")
     lines = [f"- Method: {together}. `ms/step`: median wall time of the steps after the first "
              f"{preset['warmup_skip']}, pooled over {preset['repeats']} timing round(s) that visit the rows in "
@@ -96,7 +98,8 @@ def method_lines(preset: dict, device: str) -> list[str]:
                      "(streamtrain.memory.tracker) measures over the first steps of a "
                      f"{preset['tracked_steps']}-step run; `peak RSS`: the process high-water mark in that run "
                      "(MALLOC_MMAP_THRESHOLD_=65536); `states`: the tracker's largest optimizer-state bytes. "
-                     "Ratios are to the base row.")
+                     "Ratios are to the base row. torch.compile does not run under the tracker: there the engine's "
+                     "compiled 8-bit update runs its fused path, and torchao's rows are not tracked (RSS only).")
     else:
         lines.append("- Memory: the CUDA caching allocator's peak over the timed run and NVML's figure for the "
                      "process at its end. Ratios are to the base row.")

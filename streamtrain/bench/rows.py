@@ -22,12 +22,22 @@ class Row:
     dtype: str = "float32"
     note: str = ""
     options: dict = field(default_factory=dict)  # further TrainConfig fields (svd, refresh_share, ...)
+    env: dict = field(default_factory=dict)      # environment of its workers (STREAMTRAIN_UPDATE_BACKEND, ...)
+
+
+REFERENCE = {"STREAMTRAIN_UPDATE_BACKEND": "reference"}
 
 
 def engine_rows() -> list[Row]:
+    """Every method and precision on the default update backend, and AdamW (fp32, 8-bit) on the
+    reference one (torch.optim.AdamW's single-tensor ops, the 8-bit codec op by op)."""
     rows = [Row("engine-adamw", "engine"),
+            Row("engine-adamw-reference", "engine", env=REFERENCE,
+                note="streamtrain Engine, AdamW, fp32 states, STREAMTRAIN_UPDATE_BACKEND=reference"),
             Row("engine-adamw-bf16-states", "engine", states="bf16"),
             Row("engine-adamw-8bit", "engine", states="8bit"),
+            Row("engine-adamw-8bit-reference", "engine", states="8bit", env=REFERENCE,
+                note="streamtrain Engine, AdamW, 8-bit states, STREAMTRAIN_UPDATE_BACKEND=reference"),
             Row("engine-adamw-bf16-weights", "engine", dtype="bfloat16",
                 note="streamtrain Engine, AdamW, fp32 states, bf16 weights with stochastic rounding"),
             Row("engine-galore", "engine", method="galore",

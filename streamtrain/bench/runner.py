@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..optim.backend import requested_backend
 from .comparisons import goal_results
 from .peers import PEER_PACKAGES
 from .presets import Preset
@@ -40,8 +41,7 @@ def benchmark(preset: Preset, device: str, only=None, baseline: str = BASELINE, 
     report = {"preset": name, "preset_settings": asdict(preset), "device": device, "baseline": baseline,
               "machine": machine_description(device), "load_average_start": load_average(), "skipped": skipped}
     with tempfile.TemporaryDirectory() as caches:
-        env = worker_env(preset, caches)
-        report["rows"] = measure_rows(rows, preset, device, log, env, worker_timeout_s)
+        report["rows"] = measure_rows(rows, preset, device, log, caches, worker_timeout_s)
         if hooks and preset.hooks:
             log(f"[bench] hook overhead: {preset.hooks['layers']} tiny linears ...")
             report["hooks"] = run_in_worker({"kind": "hooks", "preset": asdict(preset), "device": device},
@@ -55,16 +55,16 @@ def benchmark(preset: Preset, device: str, only=None, baseline: str = BASELINE, 
     return report
 
 
-def worker_env(preset: Preset, folder: str) -> dict:
-    """{kind: extra environment of its workers}. With fresh_compile_cache, memory and timed runs
-    each start from empty compile caches of their own (under `folder`), so the first timed step
-    of a compiled optimizer (torchao) is a true cold start."""
-    envs = {"memory": dict(MEMORY_ENV), "both": dict(MEMORY_ENV), "time": {}}
-    if preset.fresh_compile_cache:
-        for kind, env in envs.items():
-            env.update(TORCHINDUCTOR_CACHE_DIR=str(Path(folder) / kind / "inductor"),
-                       TRITON_CACHE_DIR=str(Path(folder) / kind / "triton"))
-    return envs
+def worker_env(preset: Preset, kind: str, row: Row, caches: str | None) -> dict:
+    """The extra environment of a row's worker: the row's own (update backend), glibc's setting
+    for memory runs, and with fresh_compile_cache empty compile caches of the row's own for each
+    kind of run (under `caches`), so the first timed step of a compiled update (torchao, the
+    engine's 8-bit kernel) is a true cold start."""
+    env = dict(MEMORY_ENV) if kind in ("memory", "both") else {}
+    if preset.fresh_compile_cache and caches:
+        folder = Path(caches) / kind / row.name
+        env.update(TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), TRITON_CACHE_DIR=str(folder / "triton"))
+    return {**env, **row.env}
 
 
 def schedule(rows: list[Row], preset: Preset) -> list[list[tuple[Row, str]]]:
@@ -77,18 +77,17 @@ def schedule(rows: list[Row], preset: Preset) -> list[list[tuple[Row, str]]]:
     return [[(row, "memory") for row in rows]] + timing
 
 
-def measure_rows(rows: list[Row], preset: Preset, device: str, log, env: dict | None = None,
+def measure_rows(rows: list[Row], preset: Preset, device: str, log, caches: str | None = None,
                  worker_timeout_s: float = WORKER_TIMEOUT_S) -> dict:
     results = {row.name: {"row": asdict(row), "step_wall_s": [], "step_cpu_s": [], "first_step_s": []}
                for row in rows}
-    env = env or {"memory": MEMORY_ENV, "both": MEMORY_ENV}
 
     def run(task):
         row, kind = task
         if "error" in results[row.name]:
             return
         spec = {"row": asdict(row), "preset": asdict(preset), "device": device, "kind": kind}
-        measured = run_in_worker(spec, worker_timeout_s, env.get(kind))
+        measured = run_in_worker(spec, worker_timeout_s, worker_env(preset, kind, row, caches))
         merge(results[row.name], measured)
         log(f"[bench] {kind:6s} {row.name}: {measured.get('error', 'ok')}")
 
@@ -152,7 +151,7 @@ def machine_description(device: str) -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu,
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "update_backend": requested_backend(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "peers": {name: package_version(name) for name in PEER_PACKAGES}}
 
