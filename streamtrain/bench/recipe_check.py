@@ -105,6 +105,8 @@ def summary_line(result: dict) -> str:
         parts.append(f"tensor peak measured / planned {result['tensor_peak_ratio']:.3f}")
     if result.get("setup_peak_bytes"):
         parts.append(f"model and states set up at a peak of {gb('setup_peak_bytes')}")
+    if result.get("stopped"):
+        parts.append(f"stopped: {result['stopped']}")
     return ", ".join(parts)
 
 
