@@ -52,10 +52,10 @@ PROJECTOR_METHODS = ("galore", "adarankgrad")
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")  # the search's order: each saves memory over the one before
 WEIGHT_NAMES = {"bfloat16": "bf16", "int8": "int8"}
 CATEGORY_NOTES = {
-    "weights": "parameters (and adapters)",
+    "weights": "parameters (and adapters; INT8 layers: codes + group scales)",
     "gradients": "full gradients in flight + accumulation buffers",
     "optimizer_states": "Adam moments (and their 8-bit scales)",
-    "projectors": "GaLore bases, in the weight dtype",
+    "projectors": "GaLore bases (the weight dtype, bf16 for INT8 weights, or INT8/INT4 codes + scales)",
     "activations": "saved for backward (recomputed blocks included)",
     "loss": "final norm, logits, fp32 upcast, cross-entropy",
     "temporaries": "backward and update-rule scratch",
