@@ -243,6 +243,9 @@ def set_weight(param: torch.Tensor, value: torch.Tensor) -> None:
         storage.store(value)
 
 
+STORED_KEYS = ("weight_codes", "weight_scales", "_extra_state")  # an INT8 layer's state-dict entries for its weight
+
+
 def dequantized_state_dict(model: nn.Module, state: dict) -> dict:
     """`state` (the model's state dict, HF names) with every INT8 layer's codes, scales and
     rounding state replaced by `<path>.weight` in the compute dtype, dequantized on the CPU (an
@@ -251,8 +254,8 @@ def dequantized_state_dict(model: nn.Module, state: dict) -> dict:
     out = {}
     for name, tensor in state.items():
         path, _, key = name.rpartition(".")
-        if path not in layers:
-            out[name] = tensor
+        if path not in layers or key not in STORED_KEYS:
+            out[name] = tensor  # (an INT8 layer's bias stays as it is)
         elif key == "weight_codes":
             out[f"{path}.weight"] = layers[path].dequantized(layers[path].weight.dtype, device="cpu")
     return out
