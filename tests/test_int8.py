@@ -211,3 +211,33 @@ def test_training_exports_bf16_weights_and_the_quantized_form_that_decode_to_the
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(dense(ids).float(), trainer.model(ids).float(), atol=2e-2)
+
+
+def train_int8_layer(rule, chunk, monkeypatch, steps=3):
+    """`steps` updates by `rule` of a 64 x 64 INT8 layer with update chunks of `chunk` elements."""
+    from streamtrain.optim import chunks
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", chunk)
+    layer, _ = small_layer(out_features=64, in_features=64)
+    torch.manual_seed(1234)  # the states' own rounding streams
+    state = rule.init_state("w", layer.weight)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        grad = torch.randn(64, 64, generator=gen).bfloat16()
+        ctx = StepContext(step=step, lr=1e-2, micro_index=0, accumulate=1, weight_decay=0.1)
+        rule.update(layer.weight, grad, state, ctx)
+    return layer
+
+
+@pytest.mark.parametrize("rule", ["adamw-8bit", "adamw-fp32", "galore"])
+def test_chunked_updates_of_an_int8_weight_write_the_codes_of_the_whole_update(monkeypatch, rule):
+    # 768-element chunks: a 4096-element weight in 6 flat chunks (AdamW) or 6 row chunks (GaLore's
+    # back-projection); each chunk draws its rounding noise in order from the layer's stream
+    from streamtrain.rules.adamw import AdamW
+    from streamtrain.rules.galore import GaLore
+    make = {"adamw-8bit": lambda: AdamW(states="8bit"), "adamw-fp32": lambda: AdamW(),
+            "galore": lambda: GaLore(rank=8, gap=1000, svd="exact")}[rule]
+    chunked, whole = train_int8_layer(make(), 768, monkeypatch), train_int8_layer(make(), 2 ** 24, monkeypatch)
+    start, _ = small_layer(out_features=64, in_features=64)
+    assert not torch.equal(chunked.weight_codes, start.weight_codes)  # it moved
+    assert torch.equal(chunked.weight_codes, whole.weight_codes)
+    assert torch.equal(chunked.weight_scales, whole.weight_scales)
