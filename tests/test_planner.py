@@ -223,6 +223,32 @@ def test_the_search_tries_int8_weights_after_bf16_and_low_bit_projectors_before_
     assert "+ int8 weights" not in int8 and "+ int8 projectors" not in int8 and "+ int4 projectors" in int8
 
 
+def fake_fits(monkeypatch, largest: dict):
+    """search_knobs with each rung's largest fitting micro-batch taken from `largest` (by name)."""
+    from streamtrain.memory import planner
+    monkeypatch.setattr(planner, "fit_rung", lambda config, rung, *a, **k: {
+        "name": rung["name"], "exact": rung["exact"], "changes": rung["changes"],
+        "max_batch_size": largest.get(rung["name"], 0)})
+
+
+@pytest.mark.parametrize("largest, best, last", [
+    # nothing exact fits: the math changes only until the configured micro-batch (16) fits again
+    ({"+ int4 projectors": 2, "+ rank 32": 8, "+ rank 16": 16, "+ rank 8": 16}, "+ rank 16", "+ rank 16"),
+    # no rung keeps 16: the largest micro-batch, the earliest of equals
+    ({"+ int8 projectors": 4, "+ rank 32": 12, "+ rank 16": 12}, "+ rank 32", "+ rank 8"),
+    # an exact setting fits: the first inexact rung that fits ends the search; the exact one is the answer
+    ({"as configured": 4, "+ int8 projectors": 16}, "as configured", "+ int8 projectors"),
+])
+def test_the_search_changes_the_math_only_as_far_as_the_configured_micro_batch_needs(monkeypatch, largest, best,
+                                                                                     last):
+    fake_fits(monkeypatch, largest)
+    config = tiny(method="galore", rank=64, states="8bit", dtype="int8", batch_size=16, accumulate=32,
+                  activation_checkpointing=True, loss_chunk_tokens=1024)
+    result = search_knobs(config, "cpu", 10**9)
+    assert result["best"]["name"] == best
+    assert result["rungs"][-1]["name"] == last
+
+
 def test_the_7b_int8_plan_with_int4_projectors_fits_12GB_at_4096_tokens_and_agrees_with_analytic_sizes():
     # the search's answer to the issue's command (profiles/llama-7b-int8-galore-r256-int4-12GB)
     config = TrainConfig(model="llama-7b", method="galore", rank=256, states="8bit", dtype="int8",
