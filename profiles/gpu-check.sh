@@ -19,6 +19,7 @@ set -uo pipefail
 
 ACCUMULATE=${ACCUMULATE:-4}   # the recipe accumulates 32 micro-batches; 4 give the same peak (plans: 22.62 vs 22.56 GB)
 STEPS=${STEPS:-2}             # step 0 takes all 224 first subspaces; step 1 is a plain step
+RECIPE=${RECIPE:-bf16}        # bf16: the 24 GB recipe; int8: the 12 GB one (INT8 weights, INT4 bases, rank 256)
 PEER_WHEELS="torchao==0.18.0 bitsandbytes==0.50.2 galore-torch==1.0"
 CAP_SETUP=${CAP_SETUP:-40} CAP_TESTS=${CAP_TESTS:-70}   # seconds; 480 in all by default
 CAP_RECIPE=${CAP_RECIPE:-200} CAP_BENCH=${CAP_BENCH:-170}
@@ -99,9 +100,15 @@ recipe() {  # profiles/llama-7b-galore-r1024-seq256 (see README) with fewer micr
   local args=(--method galore --states 8bit --activation-checkpointing --seq-len 256 --steps "$STEPS"
               --svd randomized --save-every 0 --eval-every 0 --eval-batches 1 --max-data-bytes 1000000 --no-progress
               --out "$WORK/recipe")
-  if [ "$MODE" = gpu ]; then
+  if [ "$MODE" = gpu ] && [ "$RECIPE" = int8 ]; then  # profiles/llama-7b-int8-galore-r256-int4-12GB
+    args+=(--model llama-7b --dtype int8 --projector-precision int4 --loss-chunk-tokens 1024 --budget 12GB
+           --device cuda --rank 256 --batch-size 16 --accumulate "$ACCUMULATE" --offload-accumulation)
+  elif [ "$MODE" = gpu ]; then
     args+=(--model llama-7b --dtype bfloat16 --loss-chunk-tokens 1024 --budget 24GB --device cuda --rank 1024
            --batch-size 16 --accumulate "$ACCUMULATE" --offload-accumulation)
+  elif [ "$RECIPE" = int8 ]; then
+    args+=(--model byte-tiny --dtype int8 --projector-precision int4 --budget 1GB --device cpu --rank 16
+           --batch-size 4 --accumulate 2)
   else
     args+=(--model byte-tiny --budget 1GB --device cpu --rank 16 --batch-size 4 --accumulate 2)
   fi
@@ -173,6 +180,6 @@ mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export -f phase setup cuda_tests recipe bench
-export MODE OUT_DIR WORK STEPS ACCUMULATE
+export MODE OUT_DIR WORK STEPS ACCUMULATE RECIPE
 main 2>&1 | tee "$OUT_DIR/gpu-check.log"
 exit "${PIPESTATUS[0]}"

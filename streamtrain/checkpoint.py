@@ -215,12 +215,14 @@ def check_weights(path: Path, weights: dict, model) -> None:
 
 @torch.no_grad()
 def load_weights(path: Path, model: torch.nn.Module, weights: dict) -> None:
+    """Check every tensor's shape and dtype, then load them all through model.load_state_dict
+    (which also restores modules' extra state: an INT8 layer's rounding stream)."""
     for name, t in model.state_dict().items():
         source = weights[name]
         if t.shape != source.shape or t.dtype != source.dtype:
             raise CheckpointError(f"checkpoint {path}: {name} is {source.dtype} {tuple(source.shape)} there, "
                                   f"{t.dtype} {tuple(t.shape)} here; check --model/--dtype/--rank")
-        t.copy_(source)
+    model.load_state_dict(weights)
 
 
 def restore_rng(rng: dict, tensors: dict) -> None:

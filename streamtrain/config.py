@@ -14,10 +14,12 @@ from pathlib import Path
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .methods import METHODS
+from .models.int8 import GROUP_SIZES
 from .models.presets import DEFAULT_PRESET, PRESETS
+from .optim.lowbit_basis import PROJECTOR_PRECISIONS
 from .optim.state import PRECISIONS
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -98,8 +100,19 @@ class TrainConfig:
                                  "SVD's energy to 1e-5, in 0.17x the time at 4096 x 11008) or exact SVD",
                    choices=("randomized", "exact"))
     states: str = opt("fp32", "optimizer state storage precision", choices=PRECISIONS)
-    dtype: str = opt("float32", "weight dtype (bfloat16 uses stochastic rounding)", choices=DTYPES)
-    stochastic_rounding: bool = opt(True, "stochastic rounding of bf16 weight updates")
+    dtype: str = opt("float32", "weight dtype (bfloat16 uses stochastic rounding; int8: the linear layers inside "
+                                "the blocks stored as INT8 codes with a scale per --quant-group-size elements, "
+                                "dequantized one layer at a time, updates rounded stochastically; embeddings, "
+                                "norms and head in bf16)", choices=DTYPES)
+    quant_group_size: int = opt(256, "elements per scale of INT8 weights (--dtype int8) and of low-bit GaLore "
+                                     "projectors (256 as in Q-GaLore, 128 as in Q-APOLLO)",
+                                choices=GROUP_SIZES)
+    projector_precision: str = opt("dense", "GaLore/AdaRankGrad basis storage: dense (the weight's dtype; bf16 for "
+                                            "int8 weights), or int8/int4 codes with group-wise scales (as Q-GaLore), "
+                                            "dequantized for each projection", choices=PROJECTOR_PRECISIONS)
+    export_int8: bool = opt(False, "--dtype int8: also write the INT8 codes and scales as stored into final/ "
+                                   "(model.int8.safetensors, quantization.json) beside the bf16 export")
+    stochastic_rounding: bool = opt(True, "stochastic rounding of bf16 and int8 weight updates")
     clip_per_tensor: float | None = opt(None, "clip each tensor's step gradient to this L2 norm")
     norm_growth: float | None = opt(None, "limit update-norm growth per step to this factor (e.g. 1.01)")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward")
@@ -159,6 +172,7 @@ class TrainConfig:
         for name, allowed in (("method", METHODS), ("states", PRECISIONS), ("dtype", DTYPES), ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 fail(flag(name), f"unknown value {getattr(self, name)!r}", f"choose one of {', '.join(allowed)}")
+        self._validate_low_bit()
         if self.init_from is not None and not Path(self.init_from).exists():
             fail("--init-from", f"{self.init_from} does not exist", "pass an HF model folder or a .safetensors file")
         if self.r_min < 1:
@@ -180,6 +194,20 @@ class TrainConfig:
         if self.eval_every < 0 or self.loss_chunk_tokens < 0 or self.max_data_bytes < 0:
             fail("--eval-every/--loss-chunk-tokens/--max-data-bytes", "must be >= 0", "pass 0 or a positive integer")
         return self
+
+    def _validate_low_bit(self) -> None:
+        """INT8 weights and low-bit projectors only where the code path exists."""
+        if self.dtype == "int8" and self.method in ("lora", "relora"):
+            fail("--dtype int8", f"--method {self.method} merges into or wraps frozen dense weights",
+                 "use --dtype int8 with adamw, galore or adarankgrad (or --dtype bfloat16)")
+        if self.projector_precision != "dense" and self.method not in ("galore", "adarankgrad"):
+            fail("--projector-precision", f"{self.projector_precision} needs a projector (--method galore or "
+                 f"adarankgrad), got --method {self.method}", "drop the flag or change --method")
+        if self.export_int8 and self.dtype != "int8":
+            fail("--export-int8", f"there are no INT8 weights with --dtype {self.dtype}", "add --dtype int8")
+        if self.quant_group_size not in GROUP_SIZES:
+            fail("--quant-group-size", f"{self.quant_group_size} is not a supported group",
+                 f"choose one of {', '.join(map(str, GROUP_SIZES))}")
 
     def _validate_floats(self) -> None:
         """Every float flag is finite and inside the range where the math means something: a NaN
@@ -210,12 +238,18 @@ class TrainConfig:
                 "seed": self.seed}
 
     def galore_options(self) -> dict:
-        return {"svd": self.svd, "refresh_share": self.refresh_share, "seed": self.seed}
+        return {"svd": self.svd, "refresh_share": self.refresh_share, "seed": self.seed, **self.projector_options()}
+
+    def projector_options(self) -> dict:
+        """GaLore's basis storage (nothing when dense, so older rule configs stay the same)."""
+        if self.projector_precision == "dense":
+            return {}
+        return {"projector": self.projector_precision, "projector_group": self.quant_group_size}
 
     def adarank_options(self) -> dict:
         return {"eta": self.eta, "r_min": min(self.r_min, self.rank), "svd": self.svd,
                 "converge_threshold": self.converge_threshold, "refresh_share": self.refresh_share,
-                "seed": self.seed}
+                "seed": self.seed, **self.projector_options()}
 
     @property
     def warmup_steps(self) -> int:

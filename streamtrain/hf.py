@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .models.hf_config import config_from_hf, is_llama_config, llama_hf_config  # noqa: F401 (re-exported)
+from .models.int8 import set_weight
 from .models.presets import LlamaConfig
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -121,7 +122,7 @@ def load_hf_weights(model: torch.nn.Module, path) -> None:
                 raise ValueError(f"{name} has shape {tuple(state[name].shape)} in {path} but "
                                  f"{tuple(p.shape)} in the model; to train the folder's own architecture "
                                  f"pass it as --model {Path(path).parent if Path(path).is_file() else path}")
-            p.copy_(state[name])
+            set_weight(p, state[name])  # (an INT8 layer quantizes it into its codes)
 
 
 def check_init_from(path, config: LlamaConfig) -> None:

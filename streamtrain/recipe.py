@@ -21,13 +21,15 @@ from .engine import Engine, unique
 from .hf import check_init_from, is_model_folder, load_hf_weights
 from .methods import assign_rules, format_rule_summary, rule_summary
 from .models.hf_config import is_llama_config, load_auto_config, max_positions
+from .models.int8 import quantize_linears
 from .models.llama import build_model
 from .models.lora import apply_lora
 from .models.presets import get_config
 from .optim.schedule import CosineSchedule, RescheduledCosine
 from .rules.lora import ReLoRA
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# the dtype models are built in; int8 is the storage of the block linears, which compute in bf16
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,7 +53,9 @@ def build_run_model(config: TrainConfig, device, model_config=None, weights: boo
     With `weights`: a model folder's own weights, or --init-from's; else random init."""
     model_config = model_config or model_config_of(config)
     options = dict(activation_checkpointing=config.activation_checkpointing, loss_chunk_tokens=config.loss_chunk_tokens)
-    if not is_llama_config(model_config):
+    if config.dtype == "int8":
+        model = build_int8_model(config, device, model_config, weights, options)
+    elif not is_llama_config(model_config):
         from .models.hf_causal import build_hf_model
         model = build_hf_model(config.model, model_config, device, DTYPES[config.dtype], seed=config.seed,
                                weights=weights and not config.init_from, **options)
@@ -62,6 +66,26 @@ def build_run_model(config: TrainConfig, device, model_config=None, weights: boo
     if weights and config.init_from:
         load_hf_weights(model, config.init_from)
     return model
+
+
+def build_int8_model(config: TrainConfig, device, model_config, weights: bool, options: dict):
+    """The model with its block linears as Int8Linear (models/int8.py), never dense on `device`:
+    our LLaMA is built on meta, converted, then allocated and initialised in place (the same init
+    stream as a dense build, quantized); a transformers model is built on the CPU, converted, moved."""
+    meta = str(device) == "meta"
+    if is_llama_config(model_config):
+        model = build_model(model_config, "meta", DTYPES["int8"], seed=config.seed, **options)
+        quantize_linears(model, config.quant_group_size, config.seed)
+        if not meta:
+            model.to_empty(device=device).reset_parameters(config.seed)
+        if weights and config.init_from:
+            check_init_from(config.init_from, model_config)
+        return model
+    from .models.hf_causal import build_hf_model
+    model = build_hf_model(config.model, model_config, "meta" if meta else "cpu", DTYPES["int8"], seed=config.seed,
+                           weights=weights and not config.init_from, **options)
+    quantize_linears(model, config.quant_group_size, config.seed)
+    return model.to(device)
 
 
 def has_own_weights(config: TrainConfig) -> bool:

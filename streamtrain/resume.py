@@ -27,7 +27,7 @@ MATH_FLAGS = ("method", "low_rank_targets", "rank", "galore_gap", "galore_scale"
               "lora_targets", "lora_alpha", "lora_dropout", "rslora", "relora_warm_start", "relora_cycle",
               "relora_restart_warmup", "relora_keep_fraction", "relora_prune", "eta", "r_min",
               "converge_threshold", "refresh_share", "svd", "lr", "warmup", "min_lr_ratio", "weight_decay",
-              "clip_per_tensor", "norm_growth", "stochastic_rounding")
+              "clip_per_tensor", "norm_growth", "stochastic_rounding", "quant_group_size", "projector_precision")
 DERIVED_FROM_STEPS = ("warmup", "relora_warm_start", "relora_cycle", "relora_restart_warmup")
 
 

@@ -30,6 +30,7 @@ from .memory.profiler import BudgetExceeded, RunProfiler
 from .memory.report import build_report, dry_run, write_report
 from .memory.units import parse_bytes
 from .models.hf_config import architecture_identity
+from .models.int8 import dequantized_state_dict, save_int8_export
 from .models.llama import perplexity
 from .models.lora import base_state_dict, has_lora, merged_state_dict, save_peft_adapter
 from .recipe import (build_engine, build_run_model, build_tokenizer, describe_model, model_config_of, prepare_model,
@@ -362,12 +363,15 @@ class Trainer:
         # an HF folder (weights with LoRA adapters merged in, config.json, tokenizer) that transformers
         # loads, replacing an older final/ only once written whole
         weights = merged_state_dict(self.model) if has_lora(self.model) else base_state_dict(self.model)
+        weights = dequantized_state_dict(self.model, weights)  # INT8 layers: bf16 weights under HF names
         fix = "free some space, then finish with --resume auto (the last step's checkpoint is saved)"
         folder = self.config.model if is_model_folder(self.config.model) else None
         with atomic_folder(final, tensor_bytes(unique_tensors(weights).values()), "the final weights", fix) as tmp:
             save_hf(weights, self.model_config, tmp)
             copy_generation_config(folder, tmp)
             save_tokenizer_files(tmp, tokenizer_path(self.config), folder)
+            if self.config.export_int8:
+                save_int8_export(self.model, tmp)
         if self.config.method == "lora":  # LoRA also exports its adapters for peft
             adapter_bytes = tensor_bytes(p for p in self.model.parameters() if p.requires_grad)
             with atomic_folder(self.out / "adapter", adapter_bytes, "the LoRA adapter", fix) as tmp:

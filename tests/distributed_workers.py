@@ -9,6 +9,7 @@ import torch.distributed as dist
 from streamtrain.distributed.reducer import BucketReducer
 from streamtrain.engine import Engine
 from streamtrain.methods import assign_rules
+from streamtrain.models.int8 import quantize_linears
 from streamtrain.models.lora import apply_lora
 
 from conftest import random_batches, tiny_model
@@ -23,6 +24,8 @@ CASES = {
     "lora": dict(method="lora", dtype=torch.float64),
     "8bit": dict(method="adamw", dtype=torch.float32, rules=dict(states="8bit")),
     "bf16-weights": dict(method="galore", dtype=torch.bfloat16, rules=dict(rank=4, gap=2)),
+    # block linears as INT8 codes (each layer's rounding stream seeded from its path: replicas agree)
+    "int8-weights": dict(method="galore", dtype=torch.bfloat16, int8=True, rules=dict(rank=4, gap=2)),
 }
 
 
@@ -32,6 +35,8 @@ def build(case: str, reducer=None):
     model = tiny_model(dtype=spec["dtype"], hidden_size=128, intermediate_size=256)
     if spec["method"] == "lora":
         apply_lora(model, "all-linear", rank=4, alpha=8)
+    if spec.get("int8"):
+        quantize_linears(model, group_size=64)
     rules = assign_rules(model, spec["method"], **spec.get("rules", {}))
     engine = Engine(model, rules, lr=3e-3, weight_decay=0.1, accumulate=spec.get("accumulate", 1),
                     reducer=reducer).attach()

@@ -305,3 +305,20 @@ def test_svd_comparison_measures_captured_energy():
     expected = float(s[:TINY.svd_rank].square().sum() / s.square().sum())
     assert result["exact"]["energy_captured"] == pytest.approx(expected, rel=1e-4)
     assert expected - 0.01 < result["randomized"]["energy_captured"] <= expected + 1e-5
+
+
+def test_the_quality_section_trains_bf16_int8_and_int4_projector_rows_alike_and_reports_ratios():
+    from streamtrain.bench.quality import ROWS, quality_comparison, quality_lines
+    settings = dict(model="byte-tiny", steps=2, batch_size=2, seq_len=32, rank=8, gap=1, lr=2e-3, eval_batches=1,
+                    max_data_bytes=100_000)
+    result = quality_comparison(settings)
+    rows = result["rows"]
+    assert list(rows) == list(ROWS) and rows["bf16-weights"]["vs_bf16"] == 1.0
+    for row in rows.values():  # the same data and steps: every row learns, by similar amounts
+        assert row["val_loss"] < row["initial_val_loss"] - 0.1
+        assert 0.9 < row["vs_bf16"] < 1.1 and row["vs_bf16"] == row["val_loss"] / rows["bf16-weights"]["val_loss"]
+    lines = quality_lines(result)
+    assert sum(line.startswith("| int8-weights") for line in lines) == 2
+    assert "`--dtype int8 --projector-precision int4`" in "\n".join(lines) and lines[-1].startswith("Goal:")
+    failing = {**result, "rows": {**rows, "int8-weights": {**rows["int8-weights"], "vs_bf16": 1.05}}}
+    assert "NOT met (worst 1.0500x)" in quality_lines(failing)[-1]

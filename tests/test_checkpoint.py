@@ -57,15 +57,18 @@ def assert_identical(a, b):
 
 
 # every method with fp32 states; 8-bit and bf16 states; bf16 weights (stochastic rounding draws
-# from the global RNG, so this case also needs the RNG state restored)
-CASES = ([(m, "fp32", "float32") for m in METHODS]
-         + [("adamw", "8bit", "float32"), ("galore", "8bit", "float32"), ("adamw", "bf16", "float32"),
-            ("galore", "fp32", "bfloat16")])
+# from the global RNG, so this case also needs the RNG state restored); INT8 weights (codes, scales
+# and each layer's rounding stream) with dense and INT4 GaLore bases
+CASES = ([(m, "fp32", "float32", "dense") for m in METHODS]
+         + [("adamw", "8bit", "float32", "dense"), ("galore", "8bit", "float32", "dense"),
+            ("adamw", "bf16", "float32", "dense"), ("galore", "fp32", "bfloat16", "dense"),
+            ("adamw", "8bit", "int8", "dense"), ("galore", "8bit", "int8", "int4"),
+            ("adarankgrad", "fp32", "int8", "int8")])
 
 
-@pytest.mark.parametrize("method,states,dtype", CASES)
-def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, method, states, dtype):
-    settings = dict(method=method, states=states, dtype=dtype)
+@pytest.mark.parametrize("method,states,dtype,projector", CASES)
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, method, states, dtype, projector):
+    settings = dict(method=method, states=states, dtype=dtype, projector_precision=projector)
     reference = Trainer(small_config(tmp_path / "reference", **settings))
     reference.run()
 

@@ -234,3 +234,31 @@ def test_every_method_trains_gpt2_in_bf16_with_8bit_states_and_accumulation(meth
     assert any("c_attn" in n for n in moved) and all(p.dtype == torch.bfloat16 for p in model.parameters())
     if method in ("lora", "relora"):
         assert sum(n.endswith("lora_A") for n, _ in model.named_parameters()) == 8
+
+
+def test_int8_weights_on_qwen2_train_and_export_bf16_weights_and_biases_that_transformers_loads(tmp_path):
+    from streamtrain.config import TrainConfig
+    from streamtrain.models.int8 import int8_layers
+    from streamtrain.train import Trainer
+    save_folder(tmp_path / "qwen2", "qwen2")
+    trainer = Trainer(TrainConfig(model=str(tmp_path / "qwen2"), dtype="int8", method="galore", rank=4, steps=2,
+                                  batch_size=2, seq_len=16, max_data_bytes=20_000, eval_batches=1, eval_every=0,
+                                  progress=False, save_every=0, out=str(tmp_path / "run")))
+    assert len(int8_layers(trainer.model)) == 2 * 7  # every linear inside the blocks, q/k/v with their biases
+    trainer.run()
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "run" / "final"), local_files_only=True, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    x = batches(1, seq=16, seed=7)[0][0]
+    with torch.no_grad():
+        ours, theirs = trainer.model.eval()(x).float(), reloaded.eval()(input_ids=x).logits.float()
+    assert (ours - theirs).abs().max().item() < 0.05  # bf16 matmuls of the same bf16 weights, different kernels
+
+
+def test_int8_weights_refuse_gpt2_conv1d_in_one_line(tmp_path, capsys):
+    from streamtrain.run import main
+    save_folder(tmp_path / "gpt2", "gpt2")
+    code = main(["--model", str(tmp_path / "gpt2"), "--dtype", "int8", "--steps", "1", "--seq-len", "16",
+                 "--max-data-bytes", "20000", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("error: --dtype int8: transformer.h.0.attn.c_attn is a Conv1D"), err

@@ -37,6 +37,20 @@ def test_plan_matches_the_tracked_real_run(method, states, checkpointing):
     assert abs(planned / measured - 1) < 0.02, (planned, measured)
 
 
+@pytest.mark.parametrize("method, projector", [("adamw", "dense"), ("galore", "int4")])
+def test_an_int8_plan_matches_the_tracked_real_run(method, projector):
+    # the fake path builds the INT8 layers, their gradient handles and the update's scratch as a real run does
+    config = tiny(method=method, states="8bit", dtype="int8", projector_precision=projector,
+                  activation_checkpointing=True)
+    planned = plan_config(config)
+    measured = simulate(config, fake=False)["peak"]["total"]
+    print(f"int8 {method} {projector}: planned/measured = {planned['tensor_peak'] / measured:.4f}")
+    assert abs(planned["tensor_peak"] / measured - 1) < 0.02, (planned["tensor_peak"], measured)
+    dense = plan_config(replace(config, dtype="bfloat16", projector_precision="dense"))
+    weights = {plan["peak"]["phase"]: plan["max_by_category"]["weights"] for plan in (planned, dense)}
+    assert planned["max_by_category"]["weights"] < 0.75 * dense["max_by_category"]["weights"], weights
+
+
 def test_depth_extrapolation_equals_the_full_depth_simulation():
     config = tiny(method="galore", states="8bit", layers=6, activation_checkpointing=True, loss_chunk_tokens=48)
     extrapolated, full = plan_config(config), plan_config(config, full_depth=True)
@@ -112,8 +126,9 @@ def test_an_impossible_budget_is_refused_before_allocation_with_the_smallest_tha
     assert "\n" not in message and "8GB" in message
     smallest = float(message.split("raise --budget to at least ")[1].split(" GB")[0]) * 1e9
     weights = 2 * parameter_count(get_config("llama-7b"))
-    # bf16 weights (2 bytes a parameter) + Adam's m and v in 8 bits (2 bytes) + the rest at one sequence
-    assert 2 * weights < smallest < 2.5 * weights, smallest
+    # the search's most frugal setting: INT8 weights in the blocks (1 byte a parameter + scales; the
+    # embedding and head stay bf16) + Adam's m and v in 8 bits (2 bytes) + the rest at one sequence
+    assert 1.5 * weights < smallest < 1.8 * weights, smallest
 
 
 def test_the_7b_recipe_fits_24GB_and_agrees_with_analytic_sizes():
@@ -196,6 +211,63 @@ def test_the_search_tries_bf16_weights_before_lower_state_precision_or_rank():
     assert rungs[names.index("+ bf16 weights")] == {"name": "+ bf16 weights", "exact": False, "changes": {
         "loss_chunk_tokens": 1024, "activation_checkpointing": True, "offload_accumulation": True, "dtype": "bfloat16"}}
     assert "+ bf16 weights" not in [r["name"] for r in ladder(tiny(method="galore", dtype="bfloat16"), "cuda")]
+
+
+def test_the_search_tries_int8_weights_after_bf16_and_low_bit_projectors_before_rank():
+    names = [r["name"] for r in ladder(tiny(method="galore", rank=64), "cuda")]
+    order = ["+ bf16 weights", "+ int8 weights", "+ bf16 states", "+ 8bit states", "+ int8 projectors",
+             "+ int4 projectors", "+ rank 32"]
+    assert [names.index(n) for n in order] == sorted(names.index(n) for n in order), names
+    assert not any("projectors" in n for n in (r["name"] for r in ladder(tiny(method="adamw"), "cuda")))
+    int8 = [r["name"] for r in ladder(tiny(method="galore", dtype="int8", projector_precision="int8"), "cuda")]
+    assert "+ int8 weights" not in int8 and "+ int8 projectors" not in int8 and "+ int4 projectors" in int8
+
+
+def fake_fits(monkeypatch, largest: dict):
+    """search_knobs with each rung's largest fitting micro-batch taken from `largest` (by name)."""
+    from streamtrain.memory import planner
+    monkeypatch.setattr(planner, "fit_rung", lambda config, rung, *a, **k: {
+        "name": rung["name"], "exact": rung["exact"], "changes": rung["changes"],
+        "max_batch_size": largest.get(rung["name"], 0)})
+
+
+@pytest.mark.parametrize("largest, best, last", [
+    # nothing exact fits: the math changes only until the configured micro-batch (16) fits again
+    ({"+ int4 projectors": 2, "+ rank 32": 8, "+ rank 16": 16, "+ rank 8": 16}, "+ rank 16", "+ rank 16"),
+    # no rung keeps 16: the largest micro-batch, the earliest of equals
+    ({"+ int8 projectors": 4, "+ rank 32": 12, "+ rank 16": 12}, "+ rank 32", "+ rank 8"),
+    # an exact setting fits: the first inexact rung that fits ends the search; the exact one is the answer
+    ({"as configured": 4, "+ int8 projectors": 16}, "as configured", "+ int8 projectors"),
+])
+def test_the_search_changes_the_math_only_as_far_as_the_configured_micro_batch_needs(monkeypatch, largest, best,
+                                                                                     last):
+    fake_fits(monkeypatch, largest)
+    config = tiny(method="galore", rank=64, states="8bit", dtype="int8", batch_size=16, accumulate=32,
+                  activation_checkpointing=True, loss_chunk_tokens=1024)
+    result = search_knobs(config, "cpu", 10**9)
+    assert result["best"]["name"] == best
+    assert result["rungs"][-1]["name"] == last
+
+
+def test_the_7b_int8_plan_with_int4_projectors_fits_12GB_at_4096_tokens_and_agrees_with_analytic_sizes():
+    # the search's answer to the issue's command (profiles/llama-7b-int8-galore-r256-int4-12GB)
+    config = TrainConfig(model="llama-7b", method="galore", rank=256, states="8bit", dtype="int8",
+                         projector_precision="int4", batch_size=16, seq_len=256, accumulate=32,
+                         activation_checkpointing=True, loss_chunk_tokens=1024, offload_accumulation=True,
+                         device="cuda")
+    whole = plan_config(config, budget=parse_bytes("12GB"))
+    assert whole["fits"], whole["total"]
+    plan = {line["label"]: line["bytes"] for line in whole["categories"]}
+    c = get_config("llama-7b")
+    h, i, layers, vocab = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    linears = layers * (4 * h * h + 3 * h * i)
+    norms = (2 * layers + 1) * h
+    # a byte per linear element + an fp32 scale per 256; embeddings, head and norms in bf16; each
+    # INT8 layer's gradient handle is one bf16 element
+    assert plan["weights"] == linears * (1 + 4 / 256) + 2 * (2 * vocab * h + norms) + 2 * 7 * layers
+    assert plan["projectors"] == layers * 7 * h * 256 * (0.5 + 4 / 256)  # INT4 (4096 x 256) bases
+    moments = layers * (4 * 256 * h + 3 * 256 * i) + 2 * vocab * h
+    assert abs(plan["optimizer_states"] - 2 * moments * (1 + 4 / 256)) < 0.002 * 2 * moments
 
 
 def test_the_7b_dry_run_finds_a_fitting_command_by_itself(tmp_path, capsys):

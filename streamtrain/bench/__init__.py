@@ -14,13 +14,14 @@ randomized vs exact SVD pair.
 One concept per module: presets (workloads), rows (what runs), peers (the other optimizers),
 torch_optimizers (peers behind the engine's interface), trainer (the clocked Trainer), measure
 (one worker's runs), hooks (hook overhead), svd, runner (the parent), comparisons and report
-(Markdown), cli, recipe_check (the 7B memory check of profiles/gpu-check.sh).
+(Markdown), quality (bf16 vs INT8 weights vs INT8 + INT4 projectors), cli, recipe_check (the 7B memory check of profiles/gpu-check.sh).
 """
 from .comparisons import COMPARISONS, key_comparisons
 from .hooks import hook_overhead
 from .measure import both_runs, memory_run, timed_run
 from .peers import optimizer_recipe
 from .presets import PRESETS, Preset
+from .quality import quality_comparison
 from .report import to_markdown
 from .rows import BASELINE, Row, discover_rows, train_config
 from .runner import benchmark, machine_description, run_in_worker, schedule
@@ -30,5 +31,5 @@ from .trainer import BenchTrainer, StepClock
 
 __all__ = ["BASELINE", "COMPARISONS", "BenchTrainer", "PRESETS", "Preset", "Row", "StepClock", "TorchOptimizers",
            "benchmark", "both_runs", "discover_rows", "hook_overhead", "key_comparisons", "machine_description",
-           "memory_run", "optimizer_recipe", "run_in_worker", "run_svd_comparison", "schedule", "timed_run",
-           "to_markdown", "train_config"]
+           "memory_run", "optimizer_recipe", "quality_comparison", "run_in_worker", "run_svd_comparison", "schedule",
+           "timed_run", "to_markdown", "train_config"]

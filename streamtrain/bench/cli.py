@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds one worker process may run before its row is marked failed (default: %(default)s)")
     p.add_argument("--no-svd", dest="svd", action="store_false", help="leave out the SVD comparison")
     p.add_argument("--no-hooks", dest="hooks", action="store_false", help="leave out the hook-overhead section")
+    p.add_argument("--no-quality", dest="quality", action="store_false",
+                   help="leave out the low-bit quality section (bf16 vs INT8 weights vs INT8 + INT4 projectors)")
     p.add_argument("--out", default=None, help="output path without suffix (default: profiles/bench-DEVICE "
                                                "for --preset full, runs/bench-PRESET-DEVICE otherwise)")
     p.add_argument("--list", action="store_true", help="list the rows this installation can run")
@@ -74,4 +76,5 @@ def run(args, device: str) -> dict:
     preset = replace(PRESETS[args.preset], **chosen)
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     return benchmark(preset, device, only, args.baseline, args.svd, args.hooks, args.preset,
-                     log=lambda s: print(s, file=sys.stderr, flush=True), worker_timeout_s=args.worker_timeout)
+                     log=lambda s: print(s, file=sys.stderr, flush=True), worker_timeout_s=args.worker_timeout,
+                     quality=args.quality)

@@ -17,6 +17,7 @@ import torch
 from ..engine import Engine
 from .hooks import hook_overhead
 from .presets import Preset
+from .quality import quality_comparison
 from .peers import untrackable_reason
 from .rows import Row, train_config
 from .svd import run_svd_comparison
@@ -88,6 +89,8 @@ def worker_main(spec: dict) -> None:
         result = run_svd_comparison(preset, device)
     elif spec["kind"] == "hooks":
         result = hook_overhead(device=device, **preset.hooks)
+    elif spec["kind"] == "quality":
+        result = quality_comparison(preset.quality, device)
     else:
         result = KINDS[spec["kind"]](Row(**spec["row"]), preset, device)
     Path(spec["result_path"]).write_text(json.dumps(result))

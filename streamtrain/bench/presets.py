@@ -34,21 +34,29 @@ class Preset:
     fresh_compile_cache: bool = False  # an empty inductor cache per benchmark: torchao's first step is a true cold start
     rows: tuple = ()          # row names to run (empty: every row this installation can run)
     hooks: dict = field(default_factory=dict)  # the hook-overhead section's sizes (see hooks.py); empty: left out
+    quality: dict = field(default_factory=dict)  # the low-bit quality section's run (see quality.py); empty: left out
 
 
 QUICK_HOOKS = dict(layers=200, width=16, batch=4, steps=10, rounds=3, warmup=3)
 FULL_HOOKS = dict(layers=200, width=16, batch=4, steps=20, rounds=6, warmup=5)
+# bf16 vs INT8 weights vs INT8 + INT4 projectors: quick is a smoke check; full trains byte-small
+# far enough (val loss 5.5 -> about 2.5, six subspace refreshes) that the rows' differences are the rounding's, not noise
+QUICK_QUALITY = dict(model="byte-tiny", steps=4, batch_size=4, seq_len=64, rank=16, gap=2, lr=2e-3,
+                     eval_batches=2, max_data_bytes=1_000_000)
+FULL_QUALITY = dict(model="byte-small", steps=150, batch_size=8, seq_len=128, rank=64, gap=25, lr=2e-3,
+                    eval_batches=8, max_data_bytes=2_000_000)
 
 PRESETS = {
     "quick": Preset("byte-tiny", {}, steps=8, batch_size=8, seq_len=128, warmup_skip=3, tracked_steps=2,
                     rank=32, gap=3, eval_batches=2, max_data_bytes=1_000_000, svd_shape=(1024, 2752),
-                    svd_rank=256, one_process=True, jobs=2, hooks=QUICK_HOOKS),
+                    svd_rank=256, one_process=True, jobs=2, hooks=QUICK_HOOKS, quality=QUICK_QUALITY),
     # the published numbers: a 10.8M-parameter model with activation checkpointing, so weights,
     # gradients and optimizer states rather than activations set the peak (as they do at 7B)
     "full": Preset("byte-small", dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
                                       num_attention_heads=6),
                    steps=30, batch_size=4, seq_len=128, warmup_skip=4, tracked_steps=2, rank=96, gap=10,
-                   activation_checkpointing=True, repeats=2, fresh_compile_cache=True, hooks=FULL_HOOKS),
+                   activation_checkpointing=True, repeats=2, fresh_compile_cache=True, hooks=FULL_HOOKS,
+                   quality=FULL_QUALITY),
     # one GPU lease: an 85M-parameter model, the rows the issue compares on CUDA, no separate memory runs
     # (the timed run reads the allocator's peaks), refreshes inside the window
     "gpu": Preset("byte-small", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,

@@ -3,6 +3,7 @@ import torch
 
 from .comparisons import key_comparisons, ratio, worst_key
 from .presets import PRESETS
+from .quality import quality_lines
 from .rows import describe
 
 MB = 1e6
@@ -24,6 +25,8 @@ def to_markdown(report: dict) -> str:
     lines += [f"- skipped: {line}" for line in report["skipped"]]
     if "hooks" in report:
         lines += ["", "## Hook overhead (issue item 4)", ""] + hooks_lines(report["hooks"])
+    if "quality" in report:
+        lines += ["", "## Low-bit weights and projectors: quality (issue 17)", ""] + quality_lines(report["quality"])
     lines += ["", "## Randomized vs exact SVD (issue 7)", ""] + svd_lines(report.get("svd"))
     return "\n".join(lines) + "\n"
 

@@ -28,9 +28,10 @@ WORKER_TIMEOUT_S = 1200
 
 
 def benchmark(preset: Preset, device: str, only=None, baseline: str = BASELINE, svd: bool = True,
-              hooks: bool = True, name: str = "custom", log=print, worker_timeout_s: float = WORKER_TIMEOUT_S) -> dict:
+              hooks: bool = True, name: str = "custom", log=print, worker_timeout_s: float = WORKER_TIMEOUT_S,
+              quality: bool = True) -> dict:
     """Run every available row (the preset's, or those in `only`), each in its own processes;
-    then the hook-overhead and SVD sections. Returns the report (see report.py)."""
+    then the hook-overhead, low-bit quality and SVD sections. Returns the report (see report.py)."""
     rows, skipped = discover_rows(device, only or preset.rows)
     if only:
         unknown = set(only) - {r.name for r in rows} - {line.split(":")[0] for line in skipped}
@@ -46,6 +47,10 @@ def benchmark(preset: Preset, device: str, only=None, baseline: str = BASELINE, 
             log(f"[bench] hook overhead: {preset.hooks['layers']} tiny linears ...")
             report["hooks"] = run_in_worker({"kind": "hooks", "preset": asdict(preset), "device": device},
                                             worker_timeout_s)
+        if quality and preset.quality:
+            log(f"[bench] quality: bf16 vs INT8 weights vs INT8 + INT4 projectors on {preset.quality['model']} ...")
+            report["quality"] = run_in_worker({"kind": "quality", "preset": asdict(preset), "device": device},
+                                              worker_timeout_s)
         if svd:
             log(f"[bench] svd {preset.svd_shape} rank {preset.svd_rank} ...")
             report["svd"] = run_in_worker({"kind": "svd", "preset": asdict(preset), "device": device},

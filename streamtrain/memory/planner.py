@@ -17,10 +17,11 @@ a full-depth simulation); `full_depth=True` (--plan-full-depth) simulates every 
 The search varies the knobs for the most tokens per micro-batch that fit: micro-batch size,
 chunked loss, activation checkpointing and (for a GPU) accumulation buffers in host RAM (the same
 math), then bf16 weights (with stochastic rounding: half the weight bytes, the usual setting for
-large models), state precision and rank (not the same math, tried only when needed, in that
-order, and the search stops at the first that fits). Each candidate
-is simulated at two micro-batch sizes for one logical step; each phase's bytes are affine in the
-micro-batch size, which gives the largest one that fits.
+large models), INT8 weights (half again), state precision, projector precision (GaLore's bases
+in INT8, then INT4) and rank (not the same math, tried only when needed, in that order; the
+search stops at the first that fits, or, when no exact setting fits, at the first that keeps the
+configured micro-batch). Each candidate is simulated at two micro-batch sizes for one logical
+step; each phase's bytes are affine in the micro-batch size, which gives the largest one that fits.
 """
 import contextlib
 import math
@@ -37,6 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..config import TrainConfig, command_line
 from ..models.hf_config import uniform_layers, with_layers
 from ..recipe import build_engine, build_run_model, model_config_of, prepare_model, sync_structure
+from ..optim.lowbit_basis import PROJECTOR_PRECISIONS
 from ..optim.state import PRECISIONS
 from .device import communication_lines, overhead_lines, svd_workspace_bytes
 from .tracker import CATEGORIES, MemoryTracker
@@ -46,11 +48,14 @@ SIMULATED_STEPS = 2
 SHALLOW_LAYERS = (2, 3)
 SEARCH_LOSS_CHUNK = 1024       # tokens per loss chunk when the search turns chunking on
 LOW_RANK_METHODS = ("galore", "adarankgrad", "lora", "relora")
+PROJECTOR_METHODS = ("galore", "adarankgrad")
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")  # the search's order: each saves memory over the one before
+WEIGHT_NAMES = {"bfloat16": "bf16", "int8": "int8"}
 CATEGORY_NOTES = {
-    "weights": "parameters (and adapters)",
+    "weights": "parameters (and adapters; INT8 layers: codes + group scales)",
     "gradients": "full gradients in flight + accumulation buffers",
     "optimizer_states": "Adam moments (and their 8-bit scales)",
-    "projectors": "GaLore bases, in the weight dtype",
+    "projectors": "GaLore bases (the weight dtype, bf16 for INT8 weights, or INT8/INT4 codes + scales)",
     "activations": "saved for backward (recomputed blocks included)",
     "loss": "final norm, logits, fp32 upcast, cross-entropy",
     "temporaries": "backward and update-rule scratch",
@@ -114,13 +119,16 @@ def simulate(config: TrainConfig, model_config=None, *, steps: int = SIMULATED_S
 
 def materialize(model: nn.Module) -> None:
     """Replace meta parameters and buffers by (fake, under FakeTensorMode) CPU tensors; a
-    parameter shared by two modules (a tied head) stays one parameter."""
+    parameter shared by two modules (a tied head) stays one parameter. Strides and attributes are
+    kept: an INT8 layer's gradient handle (models/int8.py) stays one element with its storage link."""
     made = {}
     for module in model.modules():
         for name, p in module._parameters.items():
             if p is not None:
                 if id(p) not in made:
-                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                    made[id(p)] = nn.Parameter(torch.empty_strided(p.shape, p.stride(), dtype=p.dtype),
+                                               requires_grad=p.requires_grad)
+                    made[id(p)].__dict__.update(p.__dict__)
                 module._parameters[name] = made[id(p)]
         for name, b in module._buffers.items():
             if b is not None:
@@ -281,12 +289,16 @@ def ladder(config: TrainConfig, target: str) -> list[dict]:
     if target == "cuda" and not config.offload_accumulation and config.batch_size * config.accumulate > 1:
         changes = {**changes, "offload_accumulation": True}
         rungs.append({"name": "+ accumulation buffers in host RAM", "changes": changes, "exact": True})
-    if config.dtype != "bfloat16":
-        changes = {**changes, "dtype": "bfloat16"}
-        rungs.append({"name": "+ bf16 weights", "changes": changes, "exact": False})
+    for dtype in WEIGHT_DTYPES[WEIGHT_DTYPES.index(config.dtype) + 1:]:
+        changes = {**changes, "dtype": dtype}
+        rungs.append({"name": f"+ {WEIGHT_NAMES[dtype]} weights", "changes": changes, "exact": False})
     for precision in PRECISIONS[PRECISIONS.index(config.states) + 1:]:
         changes = {**changes, "states": precision}
         rungs.append({"name": f"+ {precision} states", "changes": changes, "exact": False})
+    if config.method in PROJECTOR_METHODS:
+        for precision in PROJECTOR_PRECISIONS[PROJECTOR_PRECISIONS.index(config.projector_precision) + 1:]:
+            changes = {**changes, "projector_precision": precision}
+            rungs.append({"name": f"+ {precision} projectors", "changes": changes, "exact": False})
     if config.method in LOW_RANK_METHODS:
         for divisor in (2, 4, 8):
             if config.rank // divisor >= 8:
@@ -309,17 +321,22 @@ def frugal_check(config: TrainConfig, target: str, budget: int) -> str | None:
 
 def search_knobs(config: TrainConfig, target: str, budget: int) -> dict:
     """Walk the ladder; for each rung the largest micro-batch that fits (extrapolated). Stops at
-    the first rung that holds a whole logical step, or the first inexact rung that fits."""
+    the first rung that holds a whole logical step; past the exact rungs, at the first inexact
+    rung that fits (when an exact one fits: it stays the answer) or else that keeps the configured
+    micro-batch, so the math changes only as far as that micro-batch needs (when none keeps it:
+    the inexact rung with the largest micro-batch, the earliest of equals)."""
     cap = config.batch_size * config.accumulate  # sequences per logical step
+    wanted = min(cap, config.batch_size)          # the micro-batch inexact rungs try to keep
     results = []
     for rung in ladder(config, target):
         fit = fit_rung(config, rung, target, budget, cap=cap)
         results.append(fit)
-        if fit["max_batch_size"] >= cap or (not rung["exact"] and fit["max_batch_size"] >= 1):
+        exact_fits = any(r["exact"] and r["max_batch_size"] >= 1 for r in results)
+        if fit["max_batch_size"] >= cap or (not rung["exact"] and fit["max_batch_size"] >= (1 if exact_fits else wanted)):
             break
     fitting = [r for r in results if r["max_batch_size"] >= 1]
     exact = [r for r in fitting if r["exact"]]
-    best = max(exact, key=lambda r: r["max_batch_size"]) if exact else (fitting[0] if fitting else None)
+    best = max(exact or fitting, key=lambda r: r["max_batch_size"]) if fitting else None
     return {"rungs": results, "best": best, "sequences_per_step": cap,
             "method": "simulated at 2 and 3 layers and two micro-batch sizes, extrapolated per phase"}
 
@@ -330,8 +347,10 @@ def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) ->
     whose first size is one sequence and does not fit needs no second simulation."""
     trial = replace(config, **rung["changes"], accumulate=2 if cap > 1 or config.accumulate > 1 else 1)
     model_config = model_config_of(config)
-    if batch_sizes is None:  # large enough that chunked loss is active, as it will be at the answer
-        first = max(1, math.ceil(trial.loss_chunk_tokens / trial.seq_len)) if trial.loss_chunk_tokens else 1
+    if batch_sizes is None:  # the loss in two chunks or more, as at the answer: one chunk is no chunking,
+        # and the step from one chunk to two is steeper than any later one (LLaMA-7B: 1.7x), which
+        # would extrapolate the backward phase 0.85 GB high at 16 sequences
+        first = max(1, 2 * math.ceil(trial.loss_chunk_tokens / trial.seq_len)) if trial.loss_chunk_tokens else 1
         batch_sizes = (first, 2 * first)
     totals = {key: [total] for key, total in phase_totals(trial, model_config, target, batch_sizes[0]).items()}
     if batch_sizes[0] == 1 and max(t[0] for t in totals.values()) > budget:

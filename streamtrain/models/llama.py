@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .int8 import set_weight
 from .loss import next_token_loss
 from .presets import LlamaConfig
 from .rope import inverse_frequencies, rotary_tables
@@ -124,8 +125,8 @@ class Llama(nn.Module):
                     continue
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+                else:  # (an INT8 layer's weight: quantized into its codes, models/int8.py)
+                    set_weight(p, torch.randn(p.shape, generator=gen) * std)
         return self
 
     def hidden_states(self, input_ids):

@@ -26,10 +26,20 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None 
     return out.to(torch.bfloat16)
 
 
-def write_weight(weight: torch.Tensor, new_value_fp32: torch.Tensor, stochastic: bool,
-                 generator: torch.Generator | None = None) -> None:
-    """Copy an fp32 result into `weight`, rounding stochastically when it is bf16."""
-    if weight.dtype == torch.bfloat16 and stochastic:
+def read_weight(weight) -> torch.Tensor:
+    """An fp32 copy of a low-precision weight: a bf16 view, or an INT8 weight's range (not a tensor:
+    an optim.int8_weights.WeightRange, which reads and writes its storage)."""
+    return weight.float() if isinstance(weight, torch.Tensor) else weight.read()
+
+
+def write_weight(weight, new_value_fp32: torch.Tensor, stochastic: bool,
+                 generator: torch.Generator | None = None, found_inf: torch.Tensor | None = None) -> None:
+    """Copy an fp32 result into `weight`, rounding stochastically when it is bf16 or INT8 (an
+    INT8 WeightRange rounds from its own stream and keeps its codes while `found_inf` is set; a bf16
+    weight needs no mask: an unchanged value rounds to itself)."""
+    if not isinstance(weight, torch.Tensor):
+        weight.write(new_value_fp32, stochastic, found_inf)
+    elif weight.dtype == torch.bfloat16 and stochastic:
         weight.copy_(stochastic_round_to_bf16(new_value_fp32, generator))
     else:
         weight.copy_(new_value_fp32)

@@ -26,11 +26,12 @@ import torch
 from ..optim.adam import adam_direction
 from ..optim.adam8bit import adam8bit_update_
 from ..optim.backend import update_backend
-from ..optim.chunks import block_square_sums, flat_chunks, flat_view
+from ..optim.chunks import block_square_sums, flat_chunks
 from ..optim.clip import growth_factor
 from ..optim.fused import fused_adamw_, step_tensor
 from ..optim.quant8 import BLOCK_SIZE, BlockwiseState8bit, num_blocks
-from ..optim.rounding import write_weight
+from ..optim.int8_weights import flat_weight
+from ..optim.rounding import read_weight, write_weight
 from ..optim.state import make_state, working, working_dtype
 from .base import (Rule, add_to_buffer, check_step_gradient, clip_scale, common_state, keep_norm, take_step_gradient,
                    update_weight)
@@ -64,7 +65,7 @@ class AdamW(Rule):
         return take_step_gradient(state, "grad_acc", grad, ctx)  # upcast chunk by chunk in apply
 
     def apply(self, param, g, state, ctx):
-        g, weight = g.reshape(-1), flat_view(param)
+        g, weight = g.reshape(-1), flat_weight(param)
         grad_sq = check_step_gradient(squared_norm(g), ctx)
         clip = clip_scale(g, ctx)
         state["step"] += 1
@@ -93,10 +94,11 @@ class AdamW(Rule):
 
     def fused_chunk(self, weight, grad, clip, state, start, step, ctx, found_inf=None) -> None:
         """One chunk through the fused kernel (dense moments) or the 8-bit update, on an fp32
-        (or fp64) weight chunk: a bf16 weight's chunk is copied up and rounded back. `step` is
-        the advanced step as a tensor; with `found_inf` at 1.0 nothing changes (fused.py)."""
+        (or fp64) weight chunk: a bf16 weight's chunk (or an INT8 WeightRange) is copied up and
+        rounded back. `step` is the advanced step as a tensor; with `found_inf` at 1.0 nothing
+        changes (fused.py)."""
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        work = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
+        work = weight if weight.dtype in (torch.float32, torch.float64) else read_weight(weight)
         hyper = dict(lr=ctx.lr, betas=self.betas, eps=self.eps, weight_decay=ctx.weight_decay,
                      found_inf=found_inf)
         if isinstance(m, BlockwiseState8bit):
@@ -110,7 +112,7 @@ class AdamW(Rule):
                 m.write_range(start, m_chunk)
                 v.write_range(start, v_chunk)
         if work is not weight:
-            write_weight(weight, work, ctx.stochastic_rounding)
+            write_weight(weight, work, ctx.stochastic_rounding, found_inf=found_inf)
 
     def chunk_direction(self, grad_chunk, clip, m_chunk, v_chunk, step, found_inf=None):
         """Adam's direction for one chunk; updates the moment chunks in place."""

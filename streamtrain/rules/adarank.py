@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import is_fake
 from ..optim.projector import (SVD_METHODS, basis_and_spectrum, basis_rotation, energy_rank,
                                low_rank_view, transfer_moments)
 from ..optim.state import working
-from .galore import GaLore, active_basis, shared_result, sketch_seed
+from .galore import GaLore, active_basis, shared_result, sketch_seed, store_basis
 
 
 class AdaRankGrad(GaLore):
@@ -44,7 +44,8 @@ class AdaRankGrad(GaLore):
     def __init__(self, eta: float = 0.9, r_min: int = 8, r_max: int = 128, svd: str = "randomized",
                  oversample: int = 8, power_iters: int = 2, converge_threshold: float = 0.5,
                  max_interval: int = 200, refresh_share: float = 0.25, scale: float = 0.25,
-                 betas=(0.9, 0.999), eps: float = 1e-8, states: str = "fp32", seed: int = 0):
+                 betas=(0.9, 0.999), eps: float = 1e-8, states: str = "fp32", seed: int = 0,
+                 projector: str = "dense", projector_group: int = 256):
         if not 0.0 < eta <= 1.0:
             raise ValueError(f"AdaRankGrad eta (energy fraction kept) must be in (0, 1], got {eta}")
         if not 1 <= r_min <= r_max:
@@ -58,7 +59,8 @@ class AdaRankGrad(GaLore):
         if not 0.0 < refresh_share <= 1.0:
             raise ValueError(f"refresh_share must be in (0, 1], got {refresh_share}")
         super().__init__(rank=r_max, gap=max_interval, scale=scale, betas=betas, eps=eps, states=states, svd=svd,
-                         refresh_share=refresh_share, seed=seed, oversample=oversample, power_iters=power_iters)
+                         refresh_share=refresh_share, seed=seed, oversample=oversample, power_iters=power_iters,
+                         projector=projector, projector_group=projector_group)
         self.eta, self.r_min, self.r_max = eta, r_min, r_max
         self.converge_threshold, self.max_interval = converge_threshold, max_interval
         self.queue = RefreshQueue()  # (self.matrices, counted by GaLore.init_state, is the cap's base)
@@ -136,7 +138,7 @@ class AdaRankGrad(GaLore):
                 stored.zero_()  # rows/columns beyond the new rank start from zero if it grows later
                 low_rank_view(stored, rank, side).copy_(moment)
                 state[key].write(stored)
-        state["basis"][:, :basis.shape[1]].copy_(basis)
+        store_basis(state, basis)
         state["rank"] = rank
 
     def moved_moments(self, state, rotation):
@@ -175,7 +177,7 @@ class AdaRankGrad(GaLore):
                 "svd": self.svd, "oversample": self.oversample, "power_iters": self.power_iters,
                 "converge_threshold": self.converge_threshold, "max_interval": self.max_interval,
                 "refresh_share": self.refresh_share, "scale": self.scale, "betas": list(self.betas),
-                "eps": self.eps, "states": self.states, "seed": self.seed}
+                "eps": self.eps, "states": self.states, "seed": self.seed, **self.projector_config()}
 
 
 class RefreshQueue:

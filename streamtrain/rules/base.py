@@ -6,7 +6,7 @@ import torch
 
 from ..optim.adam import decoupled_weight_decay
 from ..optim.clip import clip_factor, clip_to_norm, limit_norm_growth
-from ..optim.rounding import write_weight
+from ..optim.rounding import read_weight, write_weight
 from ..optim.state import working
 
 
@@ -175,7 +175,8 @@ def update_weight(weight: torch.Tensor, direction: torch.Tensor, ctx: StepContex
     """apply_update's last stage, W <- W (1 - lr wd) - lr * (direction * scale), on any part
     of a weight (a view: chunked updates pass one chunk at a time, so the fp32 copy and the
     rounding scratch of a bf16 weight stay chunk-sized). `scale` is the norm-growth factor,
-    computed by the caller from the whole update's norm."""
+    computed by the caller from the whole update's norm. An INT8 weight's part is a WeightRange
+    (optim/int8_weights.py): read in fp32 and written back with its own rounding."""
     if scale is not None:
         direction = direction * scale
     if ctx.found_inf is not None:  # a step found bad moves nothing (NaN * 0 would still be NaN)
@@ -185,10 +186,10 @@ def update_weight(weight: torch.Tensor, direction: torch.Tensor, ctx: StepContex
             decoupled_weight_decay(weight, ctx.lr, ctx.weight_decay, ctx.found_inf)
             weight.add_(direction, alpha=-ctx.lr)
         else:
-            w = weight.float()
+            w = read_weight(weight)
             decoupled_weight_decay(w, ctx.lr, ctx.weight_decay, ctx.found_inf)
             w.add_(direction, alpha=-ctx.lr)
-            write_weight(weight, w, ctx.stochastic_rounding)
+            write_weight(weight, w, ctx.stochastic_rounding, found_inf=ctx.found_inf)
 
 
 def common_state(param: torch.Tensor) -> dict:

@@ -25,6 +25,8 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from ..optim.chunks import row_chunks
+from ..optim.int8_weights import weight_rows
+from ..optim.lowbit_basis import PROJECTOR_PRECISIONS, make_basis
 from ..optim.clip import growth_factor
 from ..optim.projector import (SVD_METHODS, low_rank_view, project, project_back_rows, projected_shape,
                                 projection_side, randomized_basis, svd_basis)
@@ -42,7 +44,7 @@ class GaLore(Rule):
     def __init__(self, rank: int = 128, gap: int = 200, scale: float = 0.25, betas=(0.9, 0.999),
                  eps=1e-8, states: str = "fp32", subspace_from: str = "first_micro_batch",
                  svd: str = "randomized", refresh_share: float = 1.0, seed: int = 0,
-                 oversample: int = 8, power_iters: int = 2):
+                 oversample: int = 8, power_iters: int = 2, projector: str = "dense", projector_group: int = 256):
         if rank < 1:
             raise ValueError(f"GaLore rank must be >= 1, got {rank}")
         if gap < 1:
@@ -53,10 +55,13 @@ class GaLore(Rule):
             raise ValueError(f"unknown svd method {svd!r}; choose one of {SVD_METHODS}")
         if not 0.0 < refresh_share <= 1.0:
             raise ValueError(f"refresh_share must be in (0, 1], got {refresh_share}")
+        if projector not in PROJECTOR_PRECISIONS:
+            raise ValueError(f"unknown projector precision {projector!r}; choose one of {PROJECTOR_PRECISIONS}")
         self.rank, self.gap, self.scale = rank, gap, scale
         self.betas, self.eps, self.states, self.subspace_from = tuple(betas), eps, states, subspace_from
         self.svd, self.refresh_share, self.seed = svd, refresh_share, seed
         self.oversample, self.power_iters = oversample, power_iters
+        self.projector, self.projector_group = projector, projector_group  # basis storage (optim/lowbit_basis.py)
         self.matrices = 0  # init_state calls: each matrix's index, which sets its refresh phase
 
     # -- state ---------------------------------------------------------------------------------
@@ -70,7 +75,7 @@ class GaLore(Rule):
         state = common_state(param)
         state.update(
             side=side, rank=rank, refresh_step=-1, refreshes=0, index=self.matrices,
-            basis=torch.zeros(basis_rows, rank, dtype=param.dtype, device=param.device),
+            basis=make_basis(basis_rows, rank, self.projector, self.projector_group, param.dtype, param.device),
             exp_avg=make_state(low, self.states, signed=True, device=param.device, param_dtype=param.dtype),
             exp_avg_sq=make_state(low, self.states, signed=False, device=param.device, param_dtype=param.dtype),
             grad_acc=None,       # fp32 projected sum of earlier micro-batches
@@ -100,8 +105,9 @@ class GaLore(Rule):
         grad = self.refresh_gradient(grad, ctx)
         if grad is None:
             return
-        basis = active_basis(state)
-        basis.copy_(shared_result(ctx, state, lambda: self.new_basis(state, grad), torch.empty_like(basis)))
+        basis = state["basis"]  # (the broadcast's buffer, under data parallelism)
+        buffer = torch.empty(basis.shape[0], state["rank"], dtype=basis.dtype, device=grad.device)
+        store_basis(state, shared_result(ctx, state, lambda: self.new_basis(state, grad), buffer))
         state["refresh_step"] = ctx.step
         state["refreshes"] += 1
 
@@ -205,13 +211,20 @@ class GaLore(Rule):
         basis, side = active_basis(state), state["side"]
         for first, end in row_chunks(*param.shape):
             rows = project_back_rows(low_direction, basis, side, first, end).mul_(self.scale)
-            update_weight(param[first:end], rows, ctx, growth)
+            update_weight(weight_rows(param, first, end), rows, ctx, growth)
 
     def config(self):
         return {"name": self.name, "rank": self.rank, "gap": self.gap, "scale": self.scale,
                 "betas": list(self.betas), "eps": self.eps, "states": self.states,
                 "subspace_from": self.subspace_from, "svd": self.svd, "refresh_share": self.refresh_share,
-                "seed": self.seed, "oversample": self.oversample, "power_iters": self.power_iters}
+                "seed": self.seed, "oversample": self.oversample, "power_iters": self.power_iters,
+                **self.projector_config()}
+
+    def projector_config(self) -> dict:
+        """The basis storage, when not dense (so configs of dense runs stay as they were)."""
+        if self.projector == "dense":
+            return {}
+        return {"projector": self.projector, "projector_group": self.projector_group}
 
 
 def shared_result(ctx, state: dict, compute, buffer: torch.Tensor) -> torch.Tensor:
@@ -233,5 +246,18 @@ def sketch_seed(seed: int, state: dict) -> int:
 
 def active_basis(state: dict) -> torch.Tensor:
     """The basis columns in use: all of them for GaLore; the first `rank` of the capacity-sized
-    basis for rules whose rank changes (AdaRankGrad)."""
-    return state["basis"][:, :state["rank"]]
+    basis for rules whose rank changes (AdaRankGrad). A low-bit basis is dequantized (a copy)."""
+    basis = state["basis"]
+    dense = basis if isinstance(basis, torch.Tensor) else basis.read()
+    return dense[:, :state["rank"]]
+
+
+def store_basis(state: dict, value: torch.Tensor) -> None:
+    """Make `value` the first value.shape[1] columns of the basis: copied into a dense basis,
+    encoded into a low-bit one (whose writes are whole: GaLore's rank is its capacity, and
+    AdaRankGrad installs a full-capacity basis)."""
+    basis = state["basis"]
+    if isinstance(basis, torch.Tensor):
+        basis[:, :value.shape[1]].copy_(value)
+    else:
+        basis.write(value)
