@@ -3,6 +3,7 @@ interface, and the last stage of every update (growth limit, weight decay, round
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..optim.adam import decoupled_weight_decay
 from ..optim.clip import clip_factor, clip_to_norm, limit_norm_growth
@@ -178,6 +179,15 @@ def update_weight(weight: torch.Tensor, direction: torch.Tensor, ctx: StepContex
             decoupled_weight_decay(w, ctx.lr, ctx.weight_decay, ctx.found_inf)
             w.add_(direction, alpha=-ctx.lr)
             write_weight(weight, w, ctx.stochastic_rounding)
+
+
+def local_part(t):
+    """This rank's shard of a DTensor (an FSDP2 parameter or gradient; a view, so in-place updates
+    reach the sharded storage), anything else as it is. Rules size their states by it."""
+    if isinstance(t, DTensor):
+        with torch.no_grad():
+            return t.to_local()
+    return t
 
 
 def common_state(param: torch.Tensor) -> dict:

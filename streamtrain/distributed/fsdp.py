@@ -1,0 +1,158 @@
+"""Sharded data parallelism on FSDP2 (torch.distributed.fsdp.fully_shard), updated in the hooks.
+
+Each rank keeps 1/N of every weight, of every optimizer state and of every gradient:
+
+    shard_model(model, rules, mesh, dtype)   fully_shard every block, then the root. A parameter is
+                                             sharded on dim 0, except a GaLore matrix that projects
+                                             from the left (m < n, R = P^T G), sharded on dim 1:
+                                             each rank then projects, runs Adam and projects back
+                                             its own rows (right: R_i = G_i P) or columns
+                                             (left: R_j = P^T G_j) with no collective at all.
+    ShardGroup                               what the engine and the rules need from the other
+                                             ranks (the engine's `shards=`): the non-finite flag,
+                                             the step's loss and norm, GaLore's refreshes.
+
+The step. FSDP2 all-gathers a block before its forward (and again before its backward), and after
+the block's backward reduce-scatters its gradients (the mean over ranks, in fp32 for bf16 weights)
+and then runs the post-accumulate-grad hooks of the sharded parameters itself, each hook finding
+the reduced local shard of its gradient in `.grad` as a DTensor. The engine's hooks hand the rules
+plain local tensors (`local_part`): the shard of the weight, a view that writes through to the
+storage FSDP2 gathers from, and the shard of the gradient. So a rule creates its states from the
+shard's shape and updates the shard; nothing else changes for AdamW or 8-bit states.
+
+Accumulation. Gradient sync stays on for every micro-batch: FSDP2 reduce-scatters each backward
+and the hooks fold the reduced shards into shard-sized buffers (the engine's exact accumulation,
+one update per logical step). With sync off on the first k-1 micro-batches FSDP2 would keep every
+parameter's unsharded gradient sum until the last one (a whole model of fp32 gradients per rank)
+and would not run the hooks until then; the reduced traffic is not worth that memory.
+
+Non-finite values. A NaN in one rank's shard of a gradient is seen by that rank only, so the
+engine agrees the flag (a MAX all-reduce of one number) in every hook: every rank masks the same
+updates, as one process would. The step's loss, squared norm and flag are reduced together in the
+engine's one read per step.
+
+Randomness. Stochastic rounding (bf16 weights, bf16 and 8-bit states) draws rank-specific streams:
+`seed_rank` seeds the global generator with (seed, rank) after the model is built and before the
+states are, so every rank's shard gets its own noise, the same on every run with the same seed.
+
+A dimension that does not divide by the number of ranks is split as torch.chunk splits it (FSDP2
+pads it internally): the first ranks hold ceil(d / N) rows or columns, the last ones fewer (none
+when d < N). Rules are shape-agnostic, and a GaLore refresh gathers uneven shards correctly.
+"""
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
+
+from ..rules.base import local_part  # noqa: F401 (re-exported for the engine)
+from ..rules.galore import GaLore
+from ..optim.projector import projection_side
+
+SUPPORTED_METHODS = ("adamw", "galore", "lora")
+
+
+class ShardingError(ValueError):
+    pass
+
+
+def shard_dim(rule, param) -> int:
+    """The dimension a parameter is sharded on: 1 for a GaLore matrix projected from the left (its
+    projection keeps columns apart), else 0."""
+    if isinstance(rule, GaLore) and param.dim() == 2 and projection_side(param.shape) == "left":
+        return 1
+    return 0
+
+
+def placement_fn(model, rules: dict):
+    """FSDP2's shard_placement_fn from the rules of the unsharded model (keyed by parameter object)."""
+    dims = {id(p): shard_dim(rules.get(name), p) for name, p in model.named_parameters()}
+    return lambda param: Shard(dims.get(id(param), 0))
+
+
+def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """Weights are gathered in their own dtype (no fp32 master copy: the rules round bf16 updates
+    stochastically); bf16 gradients are reduce-scattered in fp32, as the data-parallel reducer does."""
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype == torch.bfloat16 else None)
+
+
+def check_method(method: str) -> None:
+    if method not in SUPPORTED_METHODS:
+        raise ShardingError(f"--parallel fsdp supports --method {', '.join(SUPPORTED_METHODS)}, not {method} "
+                            "(its rule changes the model's structure or rank in ways sharded states do not follow "
+                            "yet); use --parallel dp")
+
+
+def shard_model(model: torch.nn.Module, rules: dict, mesh, dtype: torch.dtype) -> torch.nn.Module:
+    """fully_shard each block of `model.blocks`, then the root (embeddings, final norm, head); the
+    parameters become DTensors holding this rank's shard. Build the engine after this."""
+    blocks = list(getattr(model, "blocks", None) or [])
+    if not blocks:
+        raise ShardingError(f"{type(model).__name__} exposes no `blocks` list to shard; --parallel fsdp needs one")
+    options = dict(mesh=mesh, mp_policy=mixed_precision(dtype), shard_placement_fn=placement_fn(model, rules))
+    for block in blocks:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def device_mesh(device: torch.device, world_size: int):
+    """The 1-D mesh of all ranks on this rank's device type (the default process group)."""
+    return init_device_mesh(device.type, (world_size,))
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Rank-specific, reproducible streams for stochastic rounding (see the module docstring)."""
+    torch.manual_seed(seed * 1_000_003 + rank + 1)
+
+
+class ShardGroup:
+    """The engine's link to the other ranks when FSDP2 has reduced every gradient already.
+
+    `refresh` picks how GaLore computes a new basis from a sharded gradient (sharded_refresh.py):
+    'gather' (the owner rank gathers the matrix, computes, broadcasts) or 'sketch' (the randomized
+    range finder with its products split over the ranks)."""
+
+    sharded = True
+
+    def __init__(self, group=None, refresh: str = "gather"):
+        from .sharded_refresh import REFRESH_METHODS
+        if refresh not in REFRESH_METHODS:
+            raise ShardingError(f"unknown sharded refresh {refresh!r}; choose one of {REFRESH_METHODS}")
+        self.group = group if group is not None else dist.group.WORLD
+        self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.refresh = refresh
+        self.bytes_sent = 0   # refresh traffic since the counter was reset
+
+    def agree(self, flag: torch.Tensor) -> None:
+        """found_inf, the maximum over ranks, in place (every rank then masks the same updates)."""
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+
+    def step_values(self, values: torch.Tensor) -> torch.Tensor:
+        """[flag, loss sum, squared grad norm] of this rank -> [max flag, mean loss, total squared
+        norm] over ranks (each rank's norm covers its shards only)."""
+        flag, rest = values[:1].clone(), values[1:].clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(rest, group=self.group)
+        rest[0] /= self.world_size
+        return torch.cat([flag, rest])
+
+    def all_true(self, flag: torch.Tensor) -> bool:
+        """Whether `flag` (a 0-d bool) holds on every rank; a host read, for refreshes only."""
+        value = flag.to(torch.float32).reshape(1)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(value.item())
+
+    def owner(self, index: int) -> int:
+        """The rank that computes matrix `index`'s subspace in the gather method (round robin)."""
+        return index % self.world_size
+
+    def basis(self, rule, state: dict, local_grad: torch.Tensor, dim: int) -> torch.Tensor:
+        """GaLore's new basis from this rank's shard of the (reduced) gradient, identical on every
+        rank, sharded on `dim`."""
+        from .sharded_refresh import sharded_basis
+        return sharded_basis(self, rule, state, local_grad, dim)
+
+    def reset_counters(self) -> int:
+        sent, self.bytes_sent = self.bytes_sent, 0
+        return sent

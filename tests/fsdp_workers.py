@@ -1,0 +1,108 @@
+"""Worker functions the FSDP2 tests spawn (a module of their own so that spawned processes can
+import them): each rank shards a tiny model with distributed.fsdp.shard_model, trains it on its
+rows of the global batches with the engine updating its shards in the hooks, and saves the
+gathered weights; `train(case)` is the one-process reference with the global batch."""
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from streamtrain.distributed.fsdp import ShardGroup, device_mesh, shard_model
+from streamtrain.engine import Engine
+from streamtrain.methods import assign_rules
+from streamtrain.optim.quant8 import BlockwiseState8bit
+
+from conftest import random_batches, tiny_model
+
+STEPS, BATCH = 4, 2  # per rank; one process takes world * BATCH
+# the tiny model's MLP has gate/up 256 x 128 (right projection: sharded by rows) and down
+# 128 x 256 (left: sharded by columns); vocab 257 does not divide by 2 ranks
+MODEL = dict(hidden_size=128, intermediate_size=256, vocab_size=257)
+CASES = {
+    "adamw": dict(method="adamw", dtype=torch.float64),
+    "galore-gather": dict(method="galore", dtype=torch.float64, rules=dict(rank=4, gap=2), refresh="gather"),
+    "galore-sketch": dict(method="galore", dtype=torch.float64, rules=dict(rank=4, gap=2), refresh="sketch"),
+    "accumulate-2": dict(method="galore", dtype=torch.float64, accumulate=2, rules=dict(rank=4, gap=3)),
+    # 8-bit moments rounded to the nearest code: deterministic, so comparable to one process (vocab
+    # 256: every shard starts on a 256-element block, so the blocks are one process's blocks)
+    "8bit-nearest": dict(method="adamw", dtype=torch.float32, rules=dict(states="8bit"), nearest=True,
+                         model=dict(vocab_size=256)),
+    "8bit": dict(method="adamw", dtype=torch.float32, rules=dict(states="8bit")),
+}
+# The 8-bit cases run the eager update: the compiled kernel is the same elementwise update of each
+# chunk of the shard (tests/test_fused.py compares the two), and compiling it in every spawned
+# process would cost more than the rest of this file.
+EAGER_8BIT = {"STREAMTRAIN_UPDATE_BACKEND": "fused"}
+
+
+def build(case: str, rank: int = 0, sharded: bool = False, state_seed: int | None = None):
+    spec = CASES[case]
+    torch.manual_seed(0)
+    model = tiny_model(dtype=spec["dtype"], **{**MODEL, **spec.get("model", {})})
+    rules = assign_rules(model, spec["method"], **spec.get("rules", {}))
+    shards = None
+    if sharded:
+        shard_model(model, rules, device_mesh(torch.device("cpu"), dist.get_world_size()), spec["dtype"])
+        rules = assign_rules(model, spec["method"], **spec.get("rules", {}))  # fresh rules, same assignment
+        shards = ShardGroup(refresh=spec.get("refresh", "gather"))
+        state_seed = 1000 + rank if state_seed is None else state_seed  # rank-specific rounding streams
+    if state_seed is not None:  # (the 8-bit states' generators are seeded from the global one)
+        torch.manual_seed(state_seed)
+    engine = Engine(model, rules, lr=3e-3, weight_decay=0.1, accumulate=spec.get("accumulate", 1),
+                    shards=shards).attach()
+    if spec.get("nearest"):
+        for state in engine.states.values():
+            for value in state.values():
+                if isinstance(value, BlockwiseState8bit):
+                    value.stochastic, value.generator = False, None
+    return model, engine
+
+
+def train(case: str, rank: int = 0, world: int = 1, state_seed: int | None = None):
+    """The full weights after STEPS logical steps of `case` on this rank's rows of every global batch."""
+    with environment(EAGER_8BIT if "8bit" in case else {}):
+        return train_steps(case, rank, world, state_seed)
+
+
+@contextlib.contextmanager
+def environment(variables: dict):
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+def train_steps(case: str, rank: int, world: int, state_seed: int | None):
+    model, engine = build(case, rank, sharded=world > 1, state_seed=state_seed)
+    accumulate = CASES[case].get("accumulate", 1)
+    vocab = model.config.vocab_size
+    for x, y in random_batches(STEPS * accumulate, batch=BATCH * 2, seq=16, vocab=vocab, seed=1):
+        rows = slice(rank * BATCH * 2 // world, (rank + 1) * BATCH * 2 // world)
+        engine.backward(model(x[rows], y[rows]))
+    assert engine.step == STEPS
+    return {k: full(v).detach().clone() for k, v in model.state_dict().items()}, engine
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def rank_main(rank: int, world: int, store: str, out: str, cases: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        for case in cases:
+            weights, engine = train(case, rank, world)
+            shapes = {name: tuple(getattr(s["exp_avg"], "shape", None) or s["exp_avg"].data.shape)
+                      for name, s in engine.states.items()}
+            torch.save({"weights": weights, "state_shapes": shapes, "refresh_bytes": engine.shards.reset_counters()},
+                       os.path.join(out, f"{case}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
