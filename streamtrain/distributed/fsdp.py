@@ -39,6 +39,8 @@ A dimension that does not divide by the number of ranks is split as torch.chunk 
 pads it internally): the first ranks hold ceil(d / N) rows or columns, the last ones fewer (none
 when d < N). Rules are shape-agnostic, and a GaLore refresh gathers uneven shards correctly.
 """
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -48,8 +50,6 @@ from torch.distributed.tensor import Shard
 from ..rules.base import local_part  # noqa: F401 (re-exported for the engine)
 from ..rules.galore import GaLore
 from ..optim.projector import projection_side
-
-SUPPORTED_METHODS = ("adamw", "galore", "lora")
 
 
 class ShardingError(ValueError):
@@ -76,13 +76,6 @@ def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype == torch.bfloat16 else None)
 
 
-def check_method(method: str) -> None:
-    if method not in SUPPORTED_METHODS:
-        raise ShardingError(f"--parallel fsdp supports --method {', '.join(SUPPORTED_METHODS)}, not {method} "
-                            "(its rule changes the model's structure or rank in ways sharded states do not follow "
-                            "yet); use --parallel dp")
-
-
 def shard_model(model: torch.nn.Module, rules: dict, mesh, dtype: torch.dtype) -> torch.nn.Module:
     """fully_shard each block of `model.blocks`, then the root (embeddings, final norm, head); the
     parameters become DTensors holding this rank's shard. Build the engine after this."""
@@ -94,6 +87,22 @@ def shard_model(model: torch.nn.Module, rules: dict, mesh, dtype: torch.dtype) -
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model
+
+
+@contextlib.contextmanager
+def simulated_world(world_size: int):
+    """This process as rank 0 of `world_size` ranks whose collectives do nothing, and the device
+    mesh over them: what the memory planner shards a model on (one process, fake tensors, no
+    launch). torch's own FSDP memory tools use the same fake process group."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the 'fake' backend
+    if dist.is_initialized():
+        raise ShardingError("a sharded plan simulates its ranks in a process group of its own; plan before "
+                            "the run's process group is initialised")
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
 
 
 def device_mesh(device: torch.device, world_size: int):

@@ -36,7 +36,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import TrainConfig, command_line
 from ..models.hf_config import uniform_layers, with_layers
-from ..recipe import build_engine, build_run_model, model_config_of, prepare_model, sync_structure
+from ..distributed.fsdp import ShardGroup, shard_model, simulated_world
+from ..recipe import DTYPES, build_engine, build_rules, build_run_model, model_config_of, prepare_model, sync_structure
 from ..optim.state import PRECISIONS
 from .device import communication_lines, overhead_lines, svd_workspace_bytes
 from .tracker import CATEGORIES, MemoryTracker
@@ -91,11 +92,11 @@ def simulate(config: TrainConfig, model_config=None, *, steps: int = SIMULATED_S
         mode.cache_enabled = False  # its cache costs more than it saves on these op mixes
     tracker = MemoryTracker(round_to=round_to, timeline_steps=steps)
     generator = torch.Generator().manual_seed(config.seed)
-    with mode:
+    with sharded_world(config, fake) as mesh, mode:
         if fake:
             materialize(model)
         prepare_model(model, config)
-        engine = build_engine(model, config, skip_nonfinite=False).attach()
+        engine = simulated_engine(model, config, mesh)
         sync_structure(engine)
         with tracker:
             tracker.watch(model, engine)
@@ -110,6 +111,31 @@ def simulate(config: TrainConfig, model_config=None, *, steps: int = SIMULATED_S
                             "micro_batches_per_step": config.accumulate, "fake": fake,
                             "seconds": round(time.perf_counter() - started, 2)}
     return summary
+
+
+def sharded_world(config: TrainConfig, fake: bool):
+    """--parallel fsdp: rank 0 of a fake process group of the planned ranks (collectives do
+    nothing), yielding its device mesh; else nothing."""
+    if config.parallel != "fsdp":
+        return contextlib.nullcontext()
+    if not fake:
+        raise ValueError("a sharded plan runs on fake tensors only (its ranks are simulated)")
+    return simulated_world(planned_world_size(config))
+
+
+def simulated_engine(model, config: TrainConfig, mesh):
+    """The run's engine, attached: on rank 0's shards when `mesh` is given (FSDP2, as
+    distributed/fsdp.build_sharded_engine does), else on the whole model."""
+    if mesh is None:
+        return build_engine(model, config, skip_nonfinite=False).attach()
+    shard_model(model, build_rules(model, config), mesh, DTYPES[config.dtype])
+    return build_engine(model, config, skip_nonfinite=False, shards=ShardGroup(refresh="gather")).attach()
+
+
+def bucket_ranks(config: TrainConfig) -> int:
+    """The ranks whose all-reduce buckets a plan adds: replicated data parallelism only (a sharded
+    plan simulates FSDP2's own gathers and reduce-scatters)."""
+    return 1 if config.parallel == "fsdp" else planned_world_size(config)
 
 
 def materialize(model: nn.Module) -> None:
@@ -161,7 +187,7 @@ def plan_config(config: TrainConfig, target: str | None = None, budget: int | No
                    for L in SHALLOW_LAYERS}
         summary = extrapolate_summary(shallow, depth)
     return {"target": target, "budget": budget, "peak": summary["peak"],
-            **breakdown(target, summary["peak"], summary["timeline"], budget, planned_world_size(config)),
+            **breakdown(target, summary["peak"], summary["timeline"], budget, bucket_ranks(config)),
             "max_by_category": summary["max_by_category"], "host_bytes": summary["host_peak"],
             "step_peaks": summary["step_peaks"],
             "timeline": summary["timeline"], "simulated": summary["simulated"]}
@@ -366,7 +392,7 @@ def phase_totals(trial: TrainConfig, model_config, target: str, batch_size: int)
     runs = {L: simulate(replace(trial, batch_size=batch_size), with_layers(model_config, L), steps=1)
             for L in (SHALLOW_LAYERS if shallow else (depth,))}
     table = (extrapolate_summary(runs, depth) if shallow else runs[depth])["timeline"]
-    world_size = planned_world_size(trial)
+    world_size = bucket_ranks(trial)
     return {(r["step"], r["micro"], r["phase"]): device_total(target, r, world_size) for r in table}
 
 
