@@ -165,3 +165,35 @@ class ShardGroup:
     def reset_counters(self) -> int:
         sent, self.bytes_sent = self.bytes_sent, 0
         return sent
+
+
+# -- what the Trainer calls under --parallel fsdp ---------------------------------------------------
+def build_sharded_engine(model, config, schedule_history: dict, device: torch.device, context):
+    """Shard `model` over the ranks (placements from the run's rules), seed this rank's rounding
+    streams, then build and attach the engine on the shards."""
+    from ..recipe import DTYPES, build_engine, build_rules
+    shard_model(model, build_rules(model, config), device_mesh(device, context.world_size), DTYPES[config.dtype])
+    seed_rank(config.seed, context.rank)
+    return build_engine(model, config, schedule_history, shards=ShardGroup(context.group)).attach()
+
+
+def full_weights(model: torch.nn.Module) -> dict | None:
+    """The whole model's weights (HF names, CPU) on rank 0, gathered from the shards; None on the
+    other ranks. Every rank must call it (it is a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return weights if dist.get_rank() == 0 else None
+
+
+def shared_from_rank0(value):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_ranks(value: torch.Tensor, group=None) -> torch.Tensor:
+    """The mean of a 0-d value over the ranks (fp32, on the value's device)."""
+    total = value.detach().float().clone()
+    dist.all_reduce(total, group=group)
+    return total / dist.get_world_size(group)
