@@ -159,8 +159,12 @@ class Engine:
         self._touched.add(name)
         for listener in self._hook_listeners:
             listener(self, name, "before")
-        if self.reducer is None:
-            self._flag_nonfinite(grad)  # (data parallel: checked after the reduction, alike on every rank)
+        if self._found_inf is None and self.skip_nonfinite:
+            self._make_flag(grad.device)
+        if not ctx.is_last:  # a NaN here must stop every update of the last micro-batch, even those before its own
+            self._flag_nonfinite(grad.sum(dtype=torch.float32))
+        # (in the last micro-batch the rule's apply checks the step gradient before it moves anything:
+        # the norm it computes anyway; under data parallelism the averaged one, alike on every rank)
         if not ctx.is_last:
             rule.accumulate(param, grad, state, ctx)
         elif self.reducer is None:
@@ -173,28 +177,35 @@ class Engine:
             listener(self, name, "after")
 
     def _apply_reduced(self, name, param, rule, state, ctx, step_grad) -> None:
-        """A step gradient averaged across ranks has landed: check it, apply it."""
-        self._flag_nonfinite(step_grad)
+        """A step gradient averaged across ranks has landed: apply it (the rule checks it)."""
         self._record_update(name, rule.apply(param, step_grad, state, ctx))
 
+    def _make_flag(self, device) -> None:
+        """The step's device-side counters: the non-finite flag every context shares, the sum of
+        squared gradient norms, and how many updates ran while the flag was set."""
+        self._found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self._masked_updates = torch.zeros((), dtype=torch.float32, device=device)
+        self._grad_sq = torch.zeros((), dtype=torch.float32, device=device)
+        for ctx in self.contexts.values():
+            ctx.found_inf = self._found_inf
+
     def _flag_nonfinite(self, t: torch.Tensor) -> None:
-        """found_inf |= `t` holds a NaN or Inf, on the device (one reduction: a NaN or Inf anywhere
-        makes the sum non-finite, and so does a sum past fp32's range, no usable gradient either)."""
+        """found_inf |= `t` holds a NaN or Inf (a 0-d loss), on the device."""
         if not self.skip_nonfinite:
             return
         if self._found_inf is None:
-            self._found_inf = torch.zeros((), dtype=torch.float32, device=t.device)
-            for ctx in self.contexts.values():
-                ctx.found_inf = self._found_inf
-        bad = torch.isfinite(t.detach().sum(dtype=torch.float32)).logical_not().float()
-        torch.maximum(self._found_inf, bad.to(self._found_inf.device), out=self._found_inf)
-        if self.shards is not None:  # a shard's NaN is seen by its rank only: all mask the same updates
-            self.shards.agree(self._found_inf)
+            self._make_flag(t.device)
+        bad = torch.isfinite(t.detach()).logical_not_().to(self._found_inf)
+        torch.maximum(self._found_inf, bad, out=self._found_inf)
 
     def _record_update(self, name: str, grad_sq: torch.Tensor) -> None:
-        self._grad_sq = self._grad_sq + grad_sq
-        # whether the step was still clean when this parameter moved (read only if the step turns bad)
-        self._updated.append((name, None if self._found_inf is None else self._found_inf.clone()))
+        if self._found_inf is None:  # no checks (the planner's engines): a plain sum
+            self._grad_sq = self._grad_sq + grad_sq
+        else:
+            self._grad_sq.add_(grad_sq.to(self._grad_sq.dtype))
+            # once set the flag stays set: the updates before it are the ones that moved
+            self._masked_updates.add_(self._found_inf)
+        self._updated.append(name)
 
     def _begin_backward(self) -> None:
         """The first hook of a backward pass: this micro-batch's contexts, and the callback that
@@ -205,6 +216,9 @@ class Engine:
         self.contexts = self._rule_contexts()
         for ctx in self.contexts.values():
             ctx.found_inf, ctx.collective = self._found_inf, self.reducer or self.shards
+        if self.reducer is not None and self._found_inf is not None and self.micro_index == self.accumulate - 1:
+            # ranks flag their own earlier micro-batches: agree before the last one updates anything
+            self._found_inf.copy_(self.reducer.maximum(self._found_inf))
         self._hook_listeners = [getattr(x, "on_hook") for x in self.listeners if hasattr(x, "on_hook")]
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
@@ -281,7 +295,7 @@ class Engine:
             return
         contexts = self._rule_contexts(micro_index=self.accumulate - 1)
         for ctx in contexts.values():
-            ctx.found_inf = self._found_inf
+            ctx.found_inf, ctx.collective = self._found_inf, self.shards  # (a shard's refresh needs its ranks)
         for name in sorted(owed, key=list(self.params).index):
             p, rule = local_part(self.params[name]), self.rules[name]
             with torch.no_grad():
@@ -307,12 +321,11 @@ class Engine:
         rules' update counts (Adam's bias correction) go back too."""
         if not self._updated:
             return
-        masked = torch.stack([flag for _, flag in self._updated]).tolist()
-        for (name, _), was_masked in zip(self._updated, masked):
-            if was_masked and "step" in self.states[name]:
+        moved = len(self._updated) - round(self._masked_updates.item())
+        self._moved = self._updated[:moved]
+        for name in self._updated[moved:]:
+            if "step" in self.states[name]:
                 self.states[name]["step"] -= 1
-            elif not was_masked:
-                self._moved.append(name)
 
     def _report(self, ctx, loss_sum: float, grad_sq: float) -> StepReport:
         skipped = self._step_bad
@@ -362,7 +375,8 @@ class Engine:
         self._step_bad = False
         self._found_inf = None    # the step's non-finite flag on the device, made by the first check
         self._touched = set()
-        self._updated = []        # (name, found_inf when it moved) of the last micro-batch's updates
+        self._updated = []        # the last micro-batch's updates, in order
+        self._masked_updates = None
         self._moved = []
         self._seen_this_backward = set()
         self._grad_sq = torch.zeros(())

@@ -124,7 +124,7 @@ def test_fused_update_keeps_no_temporaries(monkeypatch):
 
 def one_chunk_update(rule, param, state, grad, found_inf):
     """AdamW.fused_chunk over the whole tensor, the step advanced as the engine will advance it."""
-    step = step_tensor(state["step"], param.device)
+    step = step_tensor(state["step"], param.device).clone()  # (the shared one is read-only)
     advance_step_(step, found_inf)
     rule.fused_chunk(param.view(-1), grad.view(-1), None, state, 0, step, context(0), found_inf=found_inf)
     return step

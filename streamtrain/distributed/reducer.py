@@ -74,6 +74,12 @@ class BucketReducer:
             self.bytes_sent += total.numel() * total.element_size()
         return total.div_(self.world_size)
 
+    def maximum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The largest value of a small tensor over ranks (a flag any rank raised), now."""
+        result = tensor.clone()
+        dist.all_reduce(result, op=dist.ReduceOp.MAX, group=self.group)
+        return result
+
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """`tensor` as rank `src` holds it, on every rank (in place)."""
         dist.broadcast(tensor, src=src, group=self.group)

@@ -29,8 +29,12 @@ class UpdateBackendError(ValueError):
 
 
 def requested_backend() -> str:
-    """The backend STREAMTRAIN_UPDATE_BACKEND asks for (read at every call, so tests can set it)."""
-    name = os.environ.get(ENV_VARIABLE, "").strip().lower() or DEFAULT_BACKEND
+    """The backend STREAMTRAIN_UPDATE_BACKEND asks for (read at every call, so tests can set it;
+    a dictionary lookup: it runs in every hook)."""
+    name = os.environ.get(ENV_VARIABLE) or DEFAULT_BACKEND
+    if name in BACKENDS:
+        return name
+    name = name.strip().lower() or DEFAULT_BACKEND
     if name not in BACKENDS:
         raise UpdateBackendError(f"{ENV_VARIABLE}={name!r} is not an update backend; "
                                  f"set it to one of {', '.join(BACKENDS)} or unset it")

@@ -31,9 +31,23 @@ def fusable(*tensors: torch.Tensor) -> bool:
                     for t in tensors))
 
 
+_STEP_TENSORS: dict = {}  # (step, device) -> the 0-d tensor: most parameters share a step count
+
+
 def step_tensor(step: int, device) -> torch.Tensor:
-    """The kernel's step counter: a float32 0-d tensor on `device`."""
-    return torch.tensor(float(step), dtype=torch.float32, device=device)
+    """The kernel's step counter: a float32 0-d tensor on `device` (the kernel only reads it, so
+    one tensor per step and device serves every parameter; making one per update cost as much as
+    a small parameter's whole update). Shared: clone it before changing it (advance_step_)."""
+    if torch._guards.detect_fake_mode() is not None:  # the planner: a fake tensor of this mode, not cached
+        return torch.tensor(float(step), dtype=torch.float32, device=device)
+    key = (step, torch.device(device))
+    tensor = _STEP_TENSORS.get(key)
+    if tensor is None:
+        tensor = torch.tensor(float(step), dtype=torch.float32, device=device)
+        if len(_STEP_TENSORS) > 64:
+            _STEP_TENSORS.clear()
+        _STEP_TENSORS[key] = tensor
+    return tensor
 
 
 def advance_step_(step: torch.Tensor, found_inf: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,7 +33,10 @@ class DenseState:
 
     def __init__(self, shape, dtype=torch.float32, device=None):
         self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self.flat = self.data.view(-1)
         self.generator = rounding_generator(self.data.device) if dtype == torch.bfloat16 else None
+        # fp32/fp64: read_range hands out views of the storage, so an in-place update is stored
+        self.updates_in_place = dtype in (torch.float32, torch.float64)
 
     @property
     def precision(self) -> str:
@@ -49,10 +52,11 @@ class DenseState:
     def read_range(self, start: int, end: int) -> torch.Tensor:
         """Elements [start, end) of the flattened state in working precision: a view of the
         storage for fp32 (updating it in place updates the state), a copy for bf16."""
-        return working(self.data.view(-1)[start:end])
+        flat = self.flat
+        return working(flat if start == 0 and end == flat.numel() else flat[start:end])
 
     def write_range(self, start: int, value: torch.Tensor) -> None:
-        target = self.data.view(-1)[start:start + value.numel()]
+        target = self.flat[start:start + value.numel()]
         if not self._is_view_of(value, target):  # a view read_range handed out is already stored
             target.copy_(self._rounded(value.reshape(-1)))
 

@@ -32,8 +32,16 @@ from ..optim.fused import fused_adamw_, step_tensor
 from ..optim.quant8 import BLOCK_SIZE, BlockwiseState8bit, num_blocks
 from ..optim.rounding import write_weight
 from ..optim.state import make_state, working, working_dtype
-from .base import (Rule, add_to_buffer, clip_scale, common_state, keep_norm, local_part, take_step_gradient,
-                   update_weight)
+from .base import (Rule, add_to_buffer, check_step_gradient, clip_scale, common_state, keep_norm, local_part,
+                   take_step_gradient, update_weight)
+
+
+def squared_norm(flat: torch.Tensor) -> torch.Tensor:
+    """||flat||^2 in working precision: one dot product for fp32/fp64 (one op per hook counts on
+    small tensors), the upcasting norm for bf16."""
+    if flat.dtype in (torch.float32, torch.float64):
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(flat, dtype=working_dtype(flat)).square()
 
 
 class AdamW(Rule):
@@ -57,16 +65,20 @@ class AdamW(Rule):
         return take_step_gradient(state, "grad_acc", grad, ctx)  # upcast chunk by chunk in apply
 
     def apply(self, param, g, state, ctx):
-        grad_sq = torch.linalg.vector_norm(g, dtype=working_dtype(g)).square()
+        g, weight = g.reshape(-1), flat_view(param)
+        grad_sq = check_step_gradient(squared_norm(g), ctx)
         clip = clip_scale(g, ctx)
         state["step"] += 1
-        g, weight = g.reshape(-1), flat_view(param)
         if ctx.norm_growth or update_backend() == "reference":
             self.reference_update(weight, g, clip, state, ctx)
-        else:
-            step = step_tensor(state["step"], param.device)
-            for start, end in flat_chunks(g.numel()):
-                self.fused_chunk(weight[start:end], g[start:end], clip, state, start, step, ctx, ctx.found_inf)
+            return grad_sq
+        step = step_tensor(state["step"], param.device)
+        chunks = flat_chunks(g.numel())
+        if len(chunks) == 1:  # (most tensors: no slicing)
+            self.fused_chunk(weight, g, clip, state, 0, step, ctx, ctx.found_inf)
+            return grad_sq
+        for start, end in chunks:
+            self.fused_chunk(weight[start:end], g[start:end], clip, state, start, step, ctx, ctx.found_inf)
         return grad_sq
 
     def reference_update(self, weight, g, clip, state, ctx) -> None:
@@ -95,8 +107,9 @@ class AdamW(Rule):
             m_chunk, v_chunk = m.read_range(start, end), v.read_range(start, end)
             g = working(grad) if clip is None else working(grad) * clip
             fused_adamw_(work, g, m_chunk, v_chunk, step, **hyper)
-            m.write_range(start, m_chunk)
-            v.write_range(start, v_chunk)
+            if not m.updates_in_place:  # (fp32 chunks are views of the states: already stored)
+                m.write_range(start, m_chunk)
+                v.write_range(start, v_chunk)
         if work is not weight:
             write_weight(weight, work, ctx.stochastic_rounding)
 

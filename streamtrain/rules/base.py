@@ -49,7 +49,8 @@ class Rule:
           parallelism can average the step gradient across ranks in between:
     step_gradient(param, grad, state, ctx) -> the local step gradient (buffered sum + grad; GaLore:
                                           its projection, what ranks all-reduce)
-    apply(param, step_grad, state, ctx) -> squared norm; the update from the averaged step gradient
+    apply(param, step_grad, state, ctx) -> squared norm; the update from the averaged step gradient,
+                                          after check_step_gradient (the step's non-finite flag)
     end_step, sync, state_extra, load_state_extra, ranks: optional hooks, no-ops by default
 
     Updates honour ctx.found_inf: while it is set they change nothing (weights, moments, norms),
@@ -133,6 +134,18 @@ def take_buffered(state: dict, key: str, value: torch.Tensor, ctx: StepContext) 
     if buffered is not None and ctx.buffer_device is not None:
         buffered = buffered.to(value.device, copy=True)
     return buffered
+
+
+def check_step_gradient(grad_sq: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """Fold the step gradient's squared norm into the step's non-finite flag, on the device,
+    before the update moves anything (a NaN or Inf anywhere makes the norm non-finite, and so
+    does a norm past fp32's range, no usable gradient either). Every rule's apply calls it: the
+    norm it reports is the one pass over the gradient the check needs. Returns `grad_sq`."""
+    if ctx.found_inf is not None:
+        ctx.found_inf.masked_fill_(torch.isfinite(grad_sq).logical_not_(), 1.0)
+        if getattr(ctx.collective, "sharded", False):  # FSDP2: a NaN in one rank's shard masks every rank's
+            ctx.collective.agree(ctx.found_inf)
+    return grad_sq
 
 
 def maybe_clip(grad: torch.Tensor, ctx: StepContext) -> torch.Tensor:

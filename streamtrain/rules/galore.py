@@ -30,7 +30,8 @@ from ..optim.projector import (SVD_METHODS, low_rank_view, project, project_back
                                 projection_side, randomized_basis, svd_basis)
 from ..optim.state import make_state, working
 from ..optim.state_adam import state_adam_direction
-from .base import Rule, add_to_buffer, common_state, keep_norm, local_part, maybe_clip, take_buffer, update_weight
+from .base import (Rule, add_to_buffer, check_step_gradient, common_state, keep_norm, local_part, maybe_clip,
+                   take_buffer, update_weight)
 
 SUBSPACE_SOURCES = ("first_micro_batch", "full_step")
 
@@ -147,6 +148,7 @@ class GaLore(Rule):
 
     def update(self, param, grad, state, ctx):
         low, grad_sq = self.projected_step(grad, state, ctx)
+        check_step_gradient(grad_sq, ctx)
         self.low_rank_apply(param, low, state, ctx)
         return grad_sq
 
@@ -156,8 +158,9 @@ class GaLore(Rule):
     def apply(self, param, low, state, ctx):
         """The update from a projected step gradient averaged over ranks; the projected norm (a
         lower bound of the full one) for the report."""
+        grad_sq = check_step_gradient(torch.linalg.vector_norm(low).square(), ctx)
         self.low_rank_apply(param, low, state, ctx)
-        return torch.linalg.vector_norm(low).square()
+        return grad_sq
 
     def projected_step(self, grad, state, ctx):
         """The step's projected gradient (buffered micro-batches plus `grad`, in working precision,
