@@ -88,7 +88,9 @@ def single_process(*args):
 
 def test_torchrun_two_sharded_ranks_train_like_one_process_with_the_global_batch(tmp_path):
     settings = ["--steps", "3", "--accumulate", "2"]
-    done = torchrun(*SHARDED, *settings, "--batch-size", "2", "--out", str(tmp_path / "fsdp"))
+    # activation checkpointing on the sharded side only: a block recomputed in backward while FSDP2 holds it gathered
+    done = torchrun(*SHARDED, *settings, "--batch-size", "2", "--activation-checkpointing",
+                    "--out", str(tmp_path / "fsdp"))
     assert done.returncode == 0, done.stdout + done.stderr
     one = single_process(*settings, "--batch-size", "4", "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
@@ -129,3 +131,11 @@ def test_a_killed_sharded_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(6))
+    # the states are shards of 2 ranks: 3 ranks are refused before anything is loaded, in one line
+    other = torchrun(*settings, "--out", str(tmp_path / "killed"), "--resume", "auto", "--steps", "8", ranks=3,
+                     env=eager)
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert other.returncode != 0 and len(errors) == 3, other.stdout + other.stderr  # each rank: one line, exit 2
+    assert "was written by 2 ranks, this run has 3" in errors[0] and "exitcode  : 2" in other.stderr, errors
+    assert "streamtrain/" not in other.stderr  # no traceback from our code
+    assert not (tmp_path / "killed" / "checkpoints" / "step-000008").exists()
