@@ -106,3 +106,16 @@ def rank_main(rank: int, world: int, store: str, out: str, cases: list[str]) -> 
                        os.path.join(out, f"{case}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def plan_rank_main(rank: int, world: int, store: str, out: str, configs: dict) -> None:
+    """Each rank runs the planner's steps of every config on its real shards (simulate, fake=False)
+    under the memory tracker, and saves its tracked peak."""
+    from streamtrain.memory.planner import simulate
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        peaks = {name: simulate(config, fake=False)["peak"] for name, config in configs.items()}
+        torch.save(peaks, os.path.join(out, f"peaks-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -2,6 +2,7 @@
 (AdamW, GaLore with refreshes on both projection sides by either sharded refresh, accumulation,
 8-bit states), every state holding one rank's shard."""
 import json
+from dataclasses import replace
 import os
 import signal
 import subprocess
@@ -14,6 +15,9 @@ import torch
 import torch.multiprocessing as mp
 
 import fsdp_workers as workers
+from streamtrain.memory.planner import plan_config
+from streamtrain.recipe import build_run_model, model_config_of
+from test_planner import tiny
 
 WORLD = 2
 
@@ -139,3 +143,40 @@ def test_a_killed_sharded_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_
     assert "was written by 2 ranks, this run has 3" in errors[0] and "exitcode  : 2" in other.stderr, errors
     assert "streamtrain/" not in other.stderr  # no traceback from our code
     assert not (tmp_path / "killed" / "checkpoints" / "step-000008").exists()
+
+
+# -- the plan of one rank ------------------------------------------------------------------------------
+PLANNED = {"adamw": tiny(parallel="fsdp", world_size=WORLD, method="adamw", layers=4),
+           "galore-8bit-recompute": tiny(parallel="fsdp", world_size=WORLD, method="galore", states="8bit",
+                                         dtype="bfloat16", activation_checkpointing=True, layers=4)}
+
+
+def weight_bytes(config) -> tuple[int, int, int]:
+    """(all weights, one block's, the root's: embeddings, final norm, head) in the run's dtype."""
+    model = build_run_model(config, "meta", model_config_of(config))
+    size = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731
+    total, block = size(model.parameters()), size(model.blocks[0].parameters())
+    return total, block, total - len(model.blocks) * block
+
+
+def test_the_plan_of_one_sharded_rank_matches_its_tracked_real_peak(tmp_path):
+    """The planner shards the model in a fake process group on one process; 2 real gloo ranks run the
+    same steps on their shards under the tracker. Rank 0 (the larger chunks) is the one planned."""
+    mp.spawn(workers.plan_rank_main, args=(WORLD, str(tmp_path / "store"), str(tmp_path), PLANNED), nprocs=WORLD,
+             join=True)
+    measured = [torch.load(tmp_path / f"peaks-rank{rank}.pt") for rank in range(WORLD)]
+    for name, config in PLANNED.items():
+        planned, whole = plan_config(config), plan_config(replace(config, parallel="dp", world_size=1))
+        ratio = planned["tensor_peak"] / measured[0][name]["total"]
+        print(f"{name}: planned/measured rank 0 = {ratio:.4f}, rank 1 measured {measured[1][name]['total']}")
+        assert abs(ratio - 1) < 0.02, (name, planned["tensor_peak"], measured[0][name]["total"])
+        # each rank holds about half of the weights and states (and one gathered block at a time)
+        per_rank = {c["label"]: c["bytes"] for c in planned["categories"]}
+        one = {c["label"]: c["bytes"] for c in whole["categories"]}
+        assert per_rank["optimizer_states"] < 0.6 * one["optimizer_states"], (per_rank, one)
+        # weights at their largest: the shards and a gathered block at least; at most the gathered root and 2 of
+        # the 4 blocks (the one computing, the one prefetched): every block ever gathered would add 2 more
+        total, block, root = weight_bytes(config)
+        weights = planned["max_by_category"]["weights"]
+        print(f"{name}: weights {weights}, shards {total / WORLD:.0f} + root {root} + block {block}")
+        assert total / WORLD + block <= weights <= total / WORLD + root + 2 * block, (name, weights, total, block)

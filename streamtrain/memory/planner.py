@@ -31,12 +31,13 @@ from dataclasses import replace
 
 import psutil
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import TrainConfig, command_line
 from ..models.hf_config import uniform_layers, with_layers
-from ..distributed.fsdp import ShardGroup, shard_model, simulated_world
+from ..distributed.fsdp import ShardGroup, device_mesh, shard_model, simulated_world
 from ..recipe import DTYPES, build_engine, build_rules, build_run_model, model_config_of, prepare_model, sync_structure
 from ..optim.state import PRECISIONS
 from .device import communication_lines, overhead_lines, svd_workspace_bytes
@@ -115,11 +116,14 @@ def simulate(config: TrainConfig, model_config=None, *, steps: int = SIMULATED_S
 
 def sharded_world(config: TrainConfig, fake: bool):
     """--parallel fsdp: rank 0 of a fake process group of the planned ranks (collectives do
-    nothing), yielding its device mesh; else nothing."""
+    nothing), yielding its device mesh; else nothing. On real tensors (what the plan is tested
+    against) each rank of the caller's own process group runs the steps on its real shards."""
     if config.parallel != "fsdp":
         return contextlib.nullcontext()
     if not fake:
-        raise ValueError("a sharded plan runs on fake tensors only (its ranks are simulated)")
+        if not dist.is_initialized() or dist.get_world_size() != planned_world_size(config):
+            raise ValueError("a sharded run on real tensors needs a process group of --world-size ranks")
+        return contextlib.nullcontext(device_mesh(torch.device("cpu"), dist.get_world_size()))
     return simulated_world(planned_world_size(config))
 
 
