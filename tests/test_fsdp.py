@@ -161,15 +161,17 @@ def weight_bytes(config) -> tuple[int, int, int]:
 
 def test_the_plan_of_one_sharded_rank_matches_its_tracked_real_peak(tmp_path):
     """The planner shards the model in a fake process group on one process; 2 real gloo ranks run the
-    same steps on their shards under the tracker. Rank 0 (the larger chunks) is the one planned."""
+    same steps on their shards under the tracker. The plan is the worst rank's: the simulated rank holds
+    the larger chunks and gathers every matrix it refreshes."""
     mp.spawn(workers.plan_rank_main, args=(WORLD, str(tmp_path / "store"), str(tmp_path), PLANNED), nprocs=WORLD,
              join=True)
     measured = [torch.load(tmp_path / f"peaks-rank{rank}.pt") for rank in range(WORLD)]
     for name, config in PLANNED.items():
         planned, whole = plan_config(config), plan_config(replace(config, parallel="dp", world_size=1))
-        ratio = planned["tensor_peak"] / measured[0][name]["total"]
-        print(f"{name}: planned/measured rank 0 = {ratio:.4f}, rank 1 measured {measured[1][name]['total']}")
-        assert abs(ratio - 1) < 0.02, (name, planned["tensor_peak"], measured[0][name]["total"])
+        peaks = [m[name]["total"] for m in measured]
+        ratio = planned["tensor_peak"] / max(peaks)
+        print(f"{name}: planned {planned['tensor_peak']}, measured per rank {peaks}: ratio {ratio:.4f}")
+        assert abs(ratio - 1) < 0.02, (name, planned["tensor_peak"], peaks)
         # each rank holds about half of the weights and states (and one gathered block at a time)
         per_rank = {c["label"]: c["bytes"] for c in planned["categories"]}
         one = {c["label"]: c["bytes"] for c in whole["categories"]}
@@ -180,3 +182,14 @@ def test_the_plan_of_one_sharded_rank_matches_its_tracked_real_peak(tmp_path):
         weights = planned["max_by_category"]["weights"]
         print(f"{name}: weights {weights}, shards {total / WORLD:.0f} + root {root} + block {block}")
         assert total / WORLD + block <= weights <= total / WORLD + root + 2 * block, (name, weights, total, block)
+
+
+def test_the_sharded_plan_extrapolated_in_depth_equals_the_full_depth_plan():
+    """Simulated at 3 and 4 layers (FSDP2's 2-layer phases are not a deep model's) and extrapolated per
+    phase: the same bytes as all 7 layers simulated, with GaLore refreshes gathered on the planned rank."""
+    config = tiny(parallel="fsdp", world_size=4, method="galore", states="8bit", dtype="bfloat16", layers=7,
+                  activation_checkpointing=True, loss_chunk_tokens=48)
+    extrapolated, full = plan_config(config), plan_config(config, full_depth=True)
+    assert "at 3 and 4 layers" in extrapolated["simulated"]["method"]
+    assert abs(extrapolated["tensor_peak"] - full["tensor_peak"]) <= 8, (extrapolated["tensor_peak"], full["tensor_peak"])
+    assert extrapolated["max_by_category"] == pytest.approx(full["max_by_category"], abs=8)

@@ -46,6 +46,9 @@ from .units import format_bytes, parse_bytes
 
 SIMULATED_STEPS = 2
 SHALLOW_LAYERS = (2, 3)
+# FSDP2 at 2 layers is not yet a deep model (LLaMA-7B, 4 ranks: the top block's backward holds 0.40 GB
+# less scratch at 2 layers than at 3, 4 or 5, which agree); from 3 layers on every phase is linear
+SHARDED_SHALLOW_LAYERS = (3, 4)
 SEARCH_LOSS_CHUNK = 1024       # tokens per loss chunk when the search turns chunking on
 LOW_RANK_METHODS = ("galore", "adarankgrad", "lora", "relora")
 CATEGORY_NOTES = {
@@ -97,7 +100,7 @@ def simulate(config: TrainConfig, model_config=None, *, steps: int = SIMULATED_S
         if fake:
             materialize(model)
         prepare_model(model, config)
-        engine = simulated_engine(model, config, mesh)
+        engine = simulated_engine(model, config, mesh, fake)
         sync_structure(engine)
         with tracker:
             tracker.watch(model, engine)
@@ -127,13 +130,23 @@ def sharded_world(config: TrainConfig, fake: bool):
     return simulated_world(planned_world_size(config))
 
 
-def simulated_engine(model, config: TrainConfig, mesh):
+def simulated_engine(model, config: TrainConfig, mesh, fake: bool = True):
     """The run's engine, attached: on rank 0's shards when `mesh` is given (FSDP2, as
     distributed/fsdp.build_sharded_engine does), else on the whole model."""
     if mesh is None:
         return build_engine(model, config, skip_nonfinite=False).attach()
     shard_model(model, build_rules(model, config), mesh, DTYPES[config.dtype])
-    return build_engine(model, config, skip_nonfinite=False, shards=ShardGroup(refresh="gather")).attach()
+    shards = (PlannedRank if fake else ShardGroup)(refresh="gather")
+    return build_engine(model, config, skip_nonfinite=False, shards=shards).attach()
+
+
+class PlannedRank(ShardGroup):
+    """The simulated rank gathers every GaLore matrix it refreshes (the run spreads them round robin):
+    its plan is the worst rank's at each hook, and a block's bytes do not depend on which index its
+    matrices have, so the plan stays linear in depth (extrapolate_summary)."""
+
+    def owner(self, index: int) -> int:
+        return self.rank
 
 
 def bucket_ranks(config: TrainConfig) -> int:
@@ -178,17 +191,17 @@ def breakdown(target: str, peak: dict, timeline: list[dict], budget: int | None,
 def plan_config(config: TrainConfig, target: str | None = None, budget: int | None = None,
                 full_depth: bool = False) -> dict:
     """The plan of `config` exactly as given: simulated at full depth when asked (or when the
-    model is shallow anyway), else at 2 and 3 layers and extrapolated phase by phase."""
+    model is shallow anyway), else at 2 and 3 layers (3 and 4 sharded) and extrapolated phase by phase."""
     target = target or plan_target(config)
     model_config = model_config_of(config)
     depth = model_config.num_hidden_layers
     round_to = 512 if target == "cuda" else 1
-    if full_depth or not extrapolates(model_config):
+    if full_depth or not extrapolates(model_config, config):
         summary = simulate(config, model_config, round_to=round_to)
         summary["simulated"]["method"] = f"all {depth} layers simulated"
     else:
         shallow = {L: simulate(config, with_layers(model_config, L), round_to=round_to)
-                   for L in SHALLOW_LAYERS}
+                   for L in shallow_layers(config)}
         summary = extrapolate_summary(shallow, depth)
     return {"target": target, "budget": budget, "peak": summary["peak"],
             **breakdown(target, summary["peak"], summary["timeline"], budget, bucket_ranks(config)),
@@ -215,30 +228,36 @@ def plan_run(config: TrainConfig, *, search: bool = False, full_depth: bool = Fa
 
 
 # -- extrapolation in depth ----------------------------------------------------------------------
-def extrapolates(model_config) -> bool:
+def shallow_layers(config: TrainConfig) -> tuple[int, int]:
+    """The two depths a deep model is simulated at."""
+    return SHARDED_SHALLOW_LAYERS if config.parallel == "fsdp" else SHALLOW_LAYERS
+
+
+def extrapolates(model_config, config: TrainConfig) -> bool:
     """Deep enough to gain from shallow simulations, with blocks that are all alike (a model with
     per-layer attention types is simulated at full depth)."""
-    return model_config.num_hidden_layers > max(SHALLOW_LAYERS) + 1 and uniform_layers(model_config)
+    return model_config.num_hidden_layers > max(shallow_layers(config)) + 1 and uniform_layers(model_config)
 
 
 def extrapolate_summary(shallow: dict, depth: int) -> dict:
     """A tracker summary at `depth` layers from summaries at the two SHALLOW_LAYERS depths: each
     phase's bytes by category, each category's maximum and the allocator rounding, linear in the
     layer count. The timeline keeps the bottom and top layer's phases (the middle ones lie between)."""
-    low, high = (shallow[L] for L in SHALLOW_LAYERS)
-    tables = {L: phase_table(shallow[L]["timeline"], L) for L in SHALLOW_LAYERS}
+    layers = tuple(sorted(shallow))
+    low, high = (shallow[L] for L in layers)
+    tables = {L: phase_table(shallow[L]["timeline"], L) for L in layers}
     timeline = []
-    for key in tables[SHALLOW_LAYERS[1]]:
-        if key in tables[SHALLOW_LAYERS[0]]:
-            at_peak = linear_in_depth(*(tables[L][key]["at_peak"] for L in SHALLOW_LAYERS), depth)
+    for key in tables[layers[1]]:
+        if key in tables[layers[0]]:
+            at_peak = linear_in_depth(*(tables[L][key]["at_peak"] for L in layers), depth, layers)
             record = {"step": key[0], "micro": key[1], "phase": key[2], "peak": sum(at_peak.values()),
                       "at_peak": at_peak}
-            if "svd" in tables[SHALLOW_LAYERS[1]][key]:  # matrix shapes do not change with depth
-                record["svd"] = tables[SHALLOW_LAYERS[1]][key]["svd"]
+            if "svd" in tables[layers[1]][key]:  # matrix shapes do not change with depth
+                record["svd"] = tables[layers[1]][key]["svd"]
             timeline.append(record)
     top = max(timeline, key=lambda r: r["peak"])
     rounding = linear_in_depth({"r": low["peak"]["rounded_total"] - low["peak"]["total"]},
-                               {"r": high["peak"]["rounded_total"] - high["peak"]["total"]}, depth)["r"]
+                               {"r": high["peak"]["rounded_total"] - high["peak"]["total"]}, depth, layers)["r"]
     peak = {"total": top["peak"], "rounded_total": top["peak"] + rounding, "phase": top["phase"],
             "step": top["step"], "micro": top["micro"], "by_category": top["at_peak"]}
     step_peaks = []
@@ -247,17 +266,18 @@ def extrapolate_summary(shallow: dict, depth: int) -> dict:
         step_peaks.append({"step": step, "total": best["peak"], "phase": best["phase"], "micro": best["micro"],
                            "by_category": best["at_peak"]})
     simulated = {**high["simulated"], "layers": depth, "seconds": low["simulated"]["seconds"] + high["simulated"]["seconds"],
-                 "method": f"simulated at {SHALLOW_LAYERS[0]} and {SHALLOW_LAYERS[1]} layers, extrapolated "
+                 "method": f"simulated at {layers[0]} and {layers[1]} layers, extrapolated "
                            f"per phase to {depth} (exact: every per-layer quantity is linear in depth)"}
     return {"peak": peak, "timeline": timeline, "step_peaks": step_peaks,
-            "max_by_category": linear_in_depth(low["max_by_category"], high["max_by_category"], depth),
-            "host_peak": linear_in_depth({"host": low["host_peak"]}, {"host": high["host_peak"]}, depth)["host"],
+            "max_by_category": linear_in_depth(low["max_by_category"], high["max_by_category"], depth, layers),
+            "host_peak": linear_in_depth({"host": low["host_peak"]}, {"host": high["host_peak"]}, depth,
+                                         layers)["host"],
             "simulated": simulated}
 
 
-def linear_in_depth(low: dict, high: dict, depth: int) -> dict:
-    """Per-key bytes at `depth` layers from the values at the two SHALLOW_LAYERS depths."""
-    (l0, l1), keys = SHALLOW_LAYERS, set(low) | set(high)
+def linear_in_depth(low: dict, high: dict, depth: int, layers: tuple[int, int] = SHALLOW_LAYERS) -> dict:
+    """Per-key bytes at `depth` layers from the values at the two shallow depths `layers`."""
+    (l0, l1), keys = layers, set(low) | set(high)
     return {k: max(0, round(low.get(k, 0) + (depth - l0) * (high.get(k, 0) - low.get(k, 0)) / (l1 - l0)))
             for k in keys}
 
@@ -392,9 +412,9 @@ def phase_totals(trial: TrainConfig, model_config, target: str, batch_size: int)
     """{(step, micro, phase): device bytes} of one logical step of `trial` at `batch_size`
     (simulated at 2 and 3 layers and extrapolated when the model is deeper than 4)."""
     depth = model_config.num_hidden_layers
-    shallow = extrapolates(model_config)
+    shallow = extrapolates(model_config, trial)
     runs = {L: simulate(replace(trial, batch_size=batch_size), with_layers(model_config, L), steps=1)
-            for L in (SHALLOW_LAYERS if shallow else (depth,))}
+            for L in (shallow_layers(trial) if shallow else (depth,))}
     table = (extrapolate_summary(runs, depth) if shallow else runs[depth])["timeline"]
     world_size = bucket_ranks(trial)
     return {(r["step"], r["micro"], r["phase"]): device_total(target, r, world_size) for r in table}
