@@ -19,10 +19,17 @@ STEPS, BATCH = 4, 2  # per rank; one process takes world * BATCH
 # the tiny model's MLP has gate/up 256 x 128 (right projection: sharded by rows) and down
 # 128 x 256 (left: sharded by columns); vocab 257 does not divide by 2 ranks
 MODEL = dict(hidden_size=128, intermediate_size=256, vocab_size=257)
+UNEVEN = ["gate_proj", "up_proj"]
 CASES = {
     "adamw": dict(method="adamw", dtype=torch.float64),
     "galore-gather": dict(method="galore", dtype=torch.float64, rules=dict(rank=4, gap=2), refresh="gather"),
     "galore-sketch": dict(method="galore", dtype=torch.float64, rules=dict(rank=4, gap=2), refresh="sketch"),
+    # intermediate 255: GaLore's gate and up (255 x 128, right) sharded by rows, 128 + 127 on 2 ranks; down
+    # (128 x 255, left: its columns, which FSDP2 splits only evenly) stays with AdamW, sharded by its 128 rows
+    "galore-uneven-gather": dict(method="galore", dtype=torch.float64, rules=dict(rank=4, gap=2, targets=UNEVEN),
+                                 refresh="gather", model=dict(intermediate_size=255)),
+    "galore-uneven-sketch": dict(method="galore", dtype=torch.float64, rules=dict(rank=4, gap=2, targets=UNEVEN),
+                                 refresh="sketch", model=dict(intermediate_size=255)),
     "accumulate-2": dict(method="galore", dtype=torch.float64, accumulate=2, rules=dict(rank=4, gap=3)),
     # 8-bit moments rounded to the nearest code: deterministic, so comparable to one process (vocab
     # 256: every shard starts on a 256-element block, so the blocks are one process's blocks)

@@ -15,6 +15,10 @@ import torch
 import torch.multiprocessing as mp
 
 import fsdp_workers as workers
+from conftest import tiny_model
+from streamtrain.distributed.fsdp import ShardingError, shard_model, simulated_world
+from streamtrain.methods import assign_rules
+from torch.distributed.tensor import DTensor
 from streamtrain.memory.planner import plan_config
 from streamtrain.recipe import build_run_model, model_config_of
 from test_planner import tiny
@@ -37,8 +41,8 @@ def relative_differences(a: dict, b: dict) -> dict:
 
 # fp64: only the order of summation differs (measured 7e-16 .. 5e-15); 8-bit nearest rounding in
 # fp32: rounding, then a few moments moved across a code boundary (measured 7e-5)
-TOLERANCE = {"adamw": 1e-12, "galore-gather": 1e-12, "galore-sketch": 1e-12, "accumulate-2": 1e-12,
-             "8bit-nearest": 1e-3}
+TOLERANCE = {"adamw": 1e-12, "galore-gather": 1e-12, "galore-sketch": 1e-12, "galore-uneven-gather": 1e-12,
+             "galore-uneven-sketch": 1e-12, "accumulate-2": 1e-12, "8bit-nearest": 1e-3}
 
 
 @pytest.mark.parametrize("case", list(TOLERANCE))
@@ -60,6 +64,20 @@ def test_states_hold_the_local_shard_only(two_rank_results):
     assert shapes["model.layers.0.mlp.down_proj.weight"] == (4, 128)
     assert shapes["model.embed_tokens.weight"] == (128, 128)
     assert two_rank_results[("galore-gather", 0)]["state_shapes"]["model.embed_tokens.weight"] == (129, 128)
+
+
+def test_a_dimension_not_divisible_by_the_ranks_is_split_as_torch_chunk_splits_it(two_rank_results):
+    shapes = [two_rank_results[("galore-uneven-gather", rank)]["state_shapes"] for rank in range(WORLD)]
+    assert [s["model.layers.0.mlp.gate_proj.weight"] for s in shapes] == [(128, 4), (127, 4)]  # rows
+    assert [s["model.layers.0.mlp.down_proj.weight"] for s in shapes] == [(64, 255), (64, 255)]  # AdamW, rows
+
+
+def test_a_left_projected_matrix_with_columns_not_divisible_by_the_ranks_is_refused_in_one_line():
+    model = tiny_model(**{**workers.MODEL, "intermediate_size": 255})
+    with simulated_world(2) as mesh, pytest.raises(ShardingError) as refused:
+        shard_model(model, assign_rules(model, "galore", rank=4), mesh, torch.float32)
+    assert "down_proj.weight (128 x 255)" in str(refused.value) and "\n" not in str(refused.value)
+    assert not any(isinstance(p, DTensor) for p in model.parameters())  # refused before anything was sharded
 
 
 def test_sketch_refresh_moves_less_than_gathering_at_low_rank(two_rank_results):

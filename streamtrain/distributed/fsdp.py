@@ -35,9 +35,13 @@ Randomness. Stochastic rounding (bf16 weights, bf16 and 8-bit states) draws rank
 `seed_rank` seeds the global generator with (seed, rank) after the model is built and before the
 states are, so every rank's shard gets its own noise, the same on every run with the same seed.
 
-A dimension that does not divide by the number of ranks is split as torch.chunk splits it (FSDP2
-pads it internally): the first ranks hold ceil(d / N) rows or columns, the last ones fewer (none
-when d < N). Rules are shape-agnostic, and a GaLore refresh gathers uneven shards correctly.
+A dimension that does not divide by the number of ranks: rows (dim 0) are split as torch.chunk
+splits them (FSDP2 pads internally): the first ranks hold ceil(d / N) rows, the last ones fewer
+(none when d < N); rules are shape-agnostic, and both GaLore refreshes handle uneven shards (tests:
+intermediate size 255 on 2 ranks). Columns (dim 1: a GaLore matrix projected from the left) FSDP2
+splits only evenly (torch 2.13 raises NotImplementedError), so shard_model refuses such a matrix in
+one line before sharding anything; sharding it by rows instead would make its projection a sum
+over ranks every step, which is what this placement exists to avoid.
 """
 import contextlib
 
@@ -82,11 +86,22 @@ def shard_model(model: torch.nn.Module, rules: dict, mesh, dtype: torch.dtype) -
     blocks = list(getattr(model, "blocks", None) or [])
     if not blocks:
         raise ShardingError(f"{type(model).__name__} exposes no `blocks` list to shard; --parallel fsdp needs one")
+    check_even_columns(model, rules, mesh.size())
     options = dict(mesh=mesh, mp_policy=mixed_precision(dtype), shard_placement_fn=placement_fn(model, rules))
     for block in blocks:
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model
+
+
+def check_even_columns(model: torch.nn.Module, rules: dict, world_size: int) -> None:
+    """Refuse a matrix sharded on columns that do not divide by the ranks (FSDP2 cannot split them)."""
+    for name, param in model.named_parameters():
+        if shard_dim(rules.get(name), param) == 1 and param.shape[1] % world_size:
+            m, n = param.shape
+            raise ShardingError(f"{name} ({m} x {n}) projects from the left, so each rank holds a slice of its "
+                                f"{n} columns, and FSDP2 splits columns only evenly: {n} does not divide by "
+                                f"{world_size} ranks; launch a number of ranks that divides {n}")
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ temporaries), so k is simulated as min(k, 2).
 
 Depth. Fake tensors cost ~0.2-0.5 ms per op, so 32 layers x 2 steps of llama-7b take ~30-60 s.
 Every per-layer quantity (weights, states, bases, buffers, saved activations) is linear in the
-number of identical layers, so a model deeper than 4 layers is simulated at 2 and 3 layers and
+number of identical layers, so a model deeper than 4 layers is simulated at 2 and 3 layers (a
+sharded one, deeper than 5, at 3 and 4: see SHARDED_SHALLOW_LAYERS) and
 each phase's bytes are extrapolated to the full depth; phases of the middle layers lie between
 those of the bottom and the top layer, which are kept. This is exact (the tests compare it with
 a full-depth simulation); `full_depth=True` (--plan-full-depth) simulates every layer instead.
@@ -371,7 +372,8 @@ def search_knobs(config: TrainConfig, target: str, budget: int) -> dict:
     exact = [r for r in fitting if r["exact"]]
     best = max(exact, key=lambda r: r["max_batch_size"]) if exact else (fitting[0] if fitting else None)
     return {"rungs": results, "best": best, "sequences_per_step": cap,
-            "method": "simulated at 2 and 3 layers and two micro-batch sizes, extrapolated per phase"}
+            "method": f"simulated at {' and '.join(map(str, shallow_layers(config)))} layers and two micro-batch "
+                      "sizes, extrapolated per phase"}
 
 
 def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) -> dict:
@@ -410,7 +412,7 @@ def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) ->
 
 def phase_totals(trial: TrainConfig, model_config, target: str, batch_size: int) -> dict:
     """{(step, micro, phase): device bytes} of one logical step of `trial` at `batch_size`
-    (simulated at 2 and 3 layers and extrapolated when the model is deeper than 4)."""
+    (simulated at two shallow depths and extrapolated when the model is deep enough)."""
     depth = model_config.num_hidden_layers
     shallow = extrapolates(model_config, trial)
     runs = {L: simulate(replace(trial, batch_size=batch_size), with_layers(model_config, L), steps=1)
