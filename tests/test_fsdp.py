@@ -22,6 +22,8 @@ from torch.distributed.tensor import DTensor
 from streamtrain.memory.planner import plan_config
 from streamtrain.recipe import build_run_model, model_config_of
 from test_planner import tiny
+from streamtrain.memory.report import dry_run
+from streamtrain.memory.units import format_bytes
 
 WORLD = 2
 
@@ -211,3 +213,14 @@ def test_the_sharded_plan_extrapolated_in_depth_equals_the_full_depth_plan():
     assert "at 3 and 4 layers" in extrapolated["simulated"]["method"]
     assert abs(extrapolated["tensor_peak"] - full["tensor_peak"]) <= 8, (extrapolated["tensor_peak"], full["tensor_peak"])
     assert extrapolated["max_by_category"] == pytest.approx(full["max_by_category"], abs=8)
+
+
+def test_a_sharded_dry_run_over_budget_names_the_ranks_at_which_it_fits(tmp_path, capsys):
+    config = tiny(parallel="fsdp", world_size=4, method="adamw", batch_size=1, accumulate=1)
+    per_rank = {ranks: plan_config(replace(config, world_size=ranks))["total"] for ranks in (2, 4)}
+    assert per_rank[4] < per_rank[2]
+    budget = (per_rank[4] + per_rank[2]) // 2  # fits 4 ranks, not 2
+    result = dry_run(replace(config, world_size=2, budget=f"{budget / 1e6:.3f}MB", out=str(tmp_path)))
+    out = capsys.readouterr().out + result["message"]
+    assert "one of 2 FSDP2 ranks" in (tmp_path / "memory.md").read_text()
+    assert "| 4 |" in out and f"it fits on 4 ranks ({format_bytes(per_rank[4])} each): --nproc-per-node 4" in out, out

@@ -25,31 +25,26 @@ micro-batch size, which gives the largest one that fits.
 """
 import contextlib
 import math
-import os
 import re
 import time
 from dataclasses import replace
 
 import psutil
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import TrainConfig, command_line
 from ..models.hf_config import uniform_layers, with_layers
-from ..distributed.fsdp import ShardGroup, device_mesh, shard_model, simulated_world
-from ..recipe import DTYPES, build_engine, build_rules, build_run_model, model_config_of, prepare_model, sync_structure
+from ..recipe import build_run_model, model_config_of, prepare_model, sync_structure
 from ..optim.state import PRECISIONS
 from .device import communication_lines, overhead_lines, svd_workspace_bytes
+from .sharded_plan import SHARDED_SHALLOW_LAYERS, bucket_ranks, sharded_world, simulated_engine, world_size_search
 from .tracker import CATEGORIES, MemoryTracker
 from .units import format_bytes, parse_bytes
 
 SIMULATED_STEPS = 2
 SHALLOW_LAYERS = (2, 3)
-# FSDP2 at 2 layers is not yet a deep model (LLaMA-7B, 4 ranks: the top block's backward holds 0.40 GB
-# less scratch at 2 layers than at 3, 4 or 5, which agree); from 3 layers on every phase is linear
-SHARDED_SHALLOW_LAYERS = (3, 4)
 SEARCH_LOSS_CHUNK = 1024       # tokens per loss chunk when the search turns chunking on
 LOW_RANK_METHODS = ("galore", "adarankgrad", "lora", "relora")
 CATEGORY_NOTES = {
@@ -118,44 +113,6 @@ def simulate(config: TrainConfig, model_config=None, *, steps: int = SIMULATED_S
     return summary
 
 
-def sharded_world(config: TrainConfig, fake: bool):
-    """--parallel fsdp: rank 0 of a fake process group of the planned ranks (collectives do
-    nothing), yielding its device mesh; else nothing. On real tensors (what the plan is tested
-    against) each rank of the caller's own process group runs the steps on its real shards."""
-    if config.parallel != "fsdp":
-        return contextlib.nullcontext()
-    if not fake:
-        if not dist.is_initialized() or dist.get_world_size() != planned_world_size(config):
-            raise ValueError("a sharded run on real tensors needs a process group of --world-size ranks")
-        return contextlib.nullcontext(device_mesh(torch.device("cpu"), dist.get_world_size()))
-    return simulated_world(planned_world_size(config))
-
-
-def simulated_engine(model, config: TrainConfig, mesh, fake: bool = True):
-    """The run's engine, attached: on rank 0's shards when `mesh` is given (FSDP2, as
-    distributed/fsdp.build_sharded_engine does), else on the whole model."""
-    if mesh is None:
-        return build_engine(model, config, skip_nonfinite=False).attach()
-    shard_model(model, build_rules(model, config), mesh, DTYPES[config.dtype])
-    shards = (PlannedRank if fake else ShardGroup)(refresh="gather")
-    return build_engine(model, config, skip_nonfinite=False, shards=shards).attach()
-
-
-class PlannedRank(ShardGroup):
-    """The simulated rank gathers every GaLore matrix it refreshes (the run spreads them round robin):
-    its plan is the worst rank's at each hook, and a block's bytes do not depend on which index its
-    matrices have, so the plan stays linear in depth (extrapolate_summary)."""
-
-    def owner(self, index: int) -> int:
-        return self.rank
-
-
-def bucket_ranks(config: TrainConfig) -> int:
-    """The ranks whose all-reduce buckets a plan adds: replicated data parallelism only (a sharded
-    plan simulates FSDP2's own gathers and reduce-scatters)."""
-    return 1 if config.parallel == "fsdp" else planned_world_size(config)
-
-
 def materialize(model: nn.Module) -> None:
     """Replace meta parameters and buffers by (fake, under FakeTensorMode) CPU tensors; a
     parameter shared by two modules (a tied head) stays one parameter."""
@@ -172,12 +129,6 @@ def materialize(model: nn.Module) -> None:
 
 
 # -- a plan --------------------------------------------------------------------------------------
-def planned_world_size(config: TrainConfig) -> int:
-    """The data-parallel ranks a plan is for: --world-size, else torchrun's WORLD_SIZE, else 1.
-    A plan is per rank: each holds the whole model (replicated data parallelism)."""
-    return config.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def breakdown(target: str, peak: dict, timeline: list[dict], budget: int | None, world_size: int = 1) -> dict:
     """Category lines of the tensor peak, the device's overhead lines, the total and the verdict."""
     categories = [{"label": c, "bytes": int(peak["by_category"].get(c, 0)), "note": CATEGORY_NOTES[c]}
@@ -225,6 +176,8 @@ def plan_run(config: TrainConfig, *, search: bool = False, full_depth: bool = Fa
     plan = plan_config(config, target, budget, full_depth)
     if budget is not None and (search or not plan["fits"]):
         plan["search"] = search_knobs(config, target, budget)
+    if budget is not None and not plan["fits"] and config.parallel == "fsdp":
+        plan["world_sizes"] = world_size_search(config, target, budget)
     return plan
 
 
