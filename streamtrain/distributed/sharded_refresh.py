@@ -18,9 +18,11 @@ sketch   The randomized range finder of optim/projector.randomized_svd with its 
          factorises every refreshing matrix.
 
 Both compute what one process computes from the same gradient, up to the order of summation
-(tests/test_fsdp.py). Measured on 2 gloo ranks (profiles/fsdp/README.md): at rank 1024 of a
-4096 x 11008 matrix the sketch is as large as the matrix, so `gather` is the default; `sketch` pays
-when s(m + n)(2 + 2q) is well below m n (ranks of a few hundred on 7B matrices).
+(tests/test_fsdp.py). Measured on 2 gloo ranks (profiles/fsdp-refresh.md): the gather was 1.0-1.7x
+faster on every shape tried and is exact to one process's basis; the sketch sent 0.3-0.4x the bytes
+at ranks 32-64 but 1.2-2x at 128-512, and at rank 1024 of a 4096 x 11008 matrix it would move
+about twice the whole matrix per rank. So `gather` is the default; `sketch` pays on bytes when
+s(m + n)(2 + 2q) is well below m n (s below ~490 on 7B's MLP matrices).
 A matrix whose sketch would span its smaller side (s >= min(m, n)) or with svd='exact' refreshes
 by gather whatever is chosen.
 """
