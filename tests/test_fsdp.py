@@ -159,9 +159,10 @@ def test_a_killed_sharded_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_
     other = torchrun(*settings, "--out", str(tmp_path / "killed"), "--resume", "auto", "--steps", "8", ranks=3,
                      env=eager)
     errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
-    assert other.returncode != 0 and len(errors) == 3, other.stdout + other.stderr  # each rank: one line, exit 2
+    # each rank says it in one line and exits 2 (torchrun stops the other ranks once the first has)
+    assert other.returncode != 0 and errors and len(set(errors)) == 1, other.stdout + other.stderr
     assert "was written by 2 ranks, this run has 3" in errors[0] and "exitcode  : 2" in other.stderr, errors
-    assert "streamtrain/" not in other.stderr  # no traceback from our code
+    assert "streamtrain/" not in other.stderr and "SIGABRT" not in other.stderr  # no traceback, no abort
     assert not (tmp_path / "killed" / "checkpoints" / "step-000008").exists()
 
 
