@@ -126,3 +126,22 @@ def plan_rank_main(rank: int, world: int, store: str, out: str, configs: dict) -
         torch.save(peaks, os.path.join(out, f"peaks-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def nonfinite_rank_main(rank: int, world: int, store: str, out: str) -> None:
+    """One step of a plain model per rank, linked by a ShardGroup only (no FSDP2, so no reduction
+    carries rank 1's NaN to rank 0): rank 1's loss is NaN. Saves which weights moved and the report."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = tiny_model(**MODEL)
+        engine = Engine(model, assign_rules(model, "adamw"), lr=3e-3, shards=ShardGroup()).attach()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        (x, y), = random_batches(1, batch=2, seq=16, vocab=MODEL["vocab_size"], seed=1)
+        loss = model(x, y)
+        report = engine.backward(loss * float("nan") if rank == 1 else loss)
+        moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        torch.save({"moved": moved, "skipped": report.skipped}, os.path.join(out, f"nonfinite-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -225,3 +225,13 @@ def test_a_sharded_dry_run_over_budget_names_the_ranks_at_which_it_fits(tmp_path
     out = capsys.readouterr().out + result["message"]
     assert "one of 2 FSDP2 ranks" in (tmp_path / "memory.md").read_text()
     assert "| 4 |" in out and f"it fits on 4 ranks ({format_bytes(per_rank[4])} each): --nproc-per-node 4" in out, out
+
+
+def test_a_nan_on_one_rank_masks_every_ranks_updates(tmp_path):
+    """Each rank sees its own shards' gradients only: the flag is agreed in every hook before the
+    update, so rank 0 moves nothing either (as one process masks the whole matrix)."""
+    mp.spawn(workers.nonfinite_rank_main, args=(WORLD, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    results = [torch.load(tmp_path / f"nonfinite-rank{rank}.pt") for rank in range(WORLD)]
+    assert [r["skipped"] for r in results] == [True, True]
+    assert [r["moved"] for r in results] == [[], []]
