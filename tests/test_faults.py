@@ -122,6 +122,44 @@ def test_sigkill_or_a_full_disk_in_the_middle_of_a_save_leaves_the_previous_chec
     assert sorted(p.name for p in root.iterdir()) == ["step-000004", "step-000006"]  # debris removed
 
 
+def newest_step(out) -> str | None:
+    names = sorted(p.name for p in (out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else []
+    return names[-1] if names else None
+
+
+def test_seeded_sigkills_at_random_moments_then_resumes_end_bit_identical_to_an_uninterrupted_run(tmp_path):
+    """Kill the run at seeded random moments (in steps, in saves, in prunes) until it finishes;
+    each relaunch is `--resume auto`. The end must equal a run that was never killed, bit for bit."""
+    from safetensors.torch import load_file
+    draw = __import__("random").Random(1234)
+    args = [sys.executable, "-m", "streamtrain.run", *CLI_RUN, "--save-every", "1",
+            "--keep-checkpoints", "2"]
+    env = {**os.environ, ckpt.DELAY_ENV: "0.2", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    killed, out = 0, tmp_path / "killed"
+    for attempt in range(12):
+        process = subprocess.Popen(args + ["--out", str(out)] + (["--resume", "auto"] if attempt else []),
+                                   env=env, cwd=REPO, stderr=subprocess.PIPE)
+        start, deadline = newest_step(out), time.monotonic() + 120
+        while newest_step(out) == start and process.poll() is None:  # each launch saves once at least
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        try:
+            process.wait(timeout=draw.uniform(0.0, 0.8))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            killed += 1
+            continue
+        assert process.returncode == 0, process.stderr.read().decode()
+        break
+    assert killed >= 3 and process.returncode == 0, killed
+    subprocess.run(args + ["--out", str(tmp_path / "reference")], env=env, cwd=REPO, check=True)
+    ours = load_file(out / "final" / "model.safetensors")
+    reference = load_file(tmp_path / "reference" / "final" / "model.safetensors")
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # no debris left by the kills
+
+
 # -- non-finite steps ------------------------------------------------------------------------------------
 EARLY_LAYER = "model.layers.0.mlp.up_proj.weight"   # its hook fires late in the backward
 
