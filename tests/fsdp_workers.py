@@ -3,6 +3,7 @@ import them): each rank shards a tiny model with distributed.fsdp.shard_model, t
 rows of the global batches with the engine updating its shards in the hooks, and saves the
 gathered weights; `train(case)` is the one-process reference with the global batch."""
 import contextlib
+import gc
 import os
 
 import torch
@@ -111,8 +112,16 @@ def rank_main(rank: int, world: int, store: str, out: str, cases: list[str]) -> 
                       for name, s in engine.states.items()}
             torch.save({"weights": weights, "state_shapes": shapes, "refresh_bytes": engine.shards.reset_counters()},
                        os.path.join(out, f"{case}-rank{rank}.pt"))
+            del engine
     finally:
-        dist.destroy_process_group()
+        close_group()
+
+
+def close_group() -> None:
+    """Free FSDP2's modules and mesh (reference cycles that hold the group) before destroying the
+    group, as streamtrain.train does: otherwise gloo's I/O thread may outlive it at exit (SIGABRT)."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def plan_rank_main(rank: int, world: int, store: str, out: str, configs: dict) -> None:
@@ -125,7 +134,7 @@ def plan_rank_main(rank: int, world: int, store: str, out: str, configs: dict) -
         peaks = {name: simulate(config, fake=False)["peak"] for name, config in configs.items()}
         torch.save(peaks, os.path.join(out, f"peaks-rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        close_group()
 
 
 def nonfinite_rank_main(rank: int, world: int, store: str, out: str) -> None:
