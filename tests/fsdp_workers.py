@@ -154,3 +154,44 @@ def nonfinite_rank_main(rank: int, world: int, store: str, out: str) -> None:
         torch.save({"moved": moved, "skipped": report.skipped}, os.path.join(out, f"nonfinite-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def checkpoint_rank_main(rank: int, world: int, store: str, out: str) -> None:
+    """Save a sharded checkpoint after 2 steps and again after 3, restore the older into a fresh
+    sharded engine, then corrupt one byte of rank 1's newer shard file and locate again."""
+    from streamtrain.checkpoint_files import CheckpointError
+    from streamtrain.distributed.sharded_checkpoint import locate_sharded, restore_sharded, save_sharded
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model, engine = build("galore-gather", rank, sharded=True)
+        batches = random_batches(3, batch=BATCH, seq=16, vocab=model.config.vocab_size, seed=rank)
+        for step, (x, y) in enumerate(batches):
+            engine.backward(model(x, y))
+            if step >= 1:
+                newest = save_sharded(out, engine, position=step + 1)
+        fresh_model, fresh = build("galore-gather", rank, sharded=True)
+        older = newest.parent / "step-000002"
+        record = restore_sharded(older, fresh, locate_sharded(older)[1][0], identity=None, max_position=None)
+        x, y = batches[2]  # the third step again, from the restored step 2: the newer checkpoint's weights
+        fresh.backward(fresh_model(x, y))
+        same = all(torch.equal(full(a), full(b)) for a, b in zip(fresh_model.state_dict().values(),
+                                                                 model.state_dict().values()))
+        dist.barrier()
+        if rank == 0:
+            shard = newest / "__1_0.distcp"
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            shard.write_bytes(bytes(data))
+        dist.barrier()
+        try:
+            locate_sharded(newest)
+            refusal = None
+        except CheckpointError as e:
+            refusal = str(e)
+        fallback = locate_sharded(newest.parent.parent)[0].name  # the run folder: the newest intact one
+        torch.save({"step": record["step"], "same": same, "refusal": refusal, "fallback": fallback},
+                   os.path.join(out, f"checkpoint-rank{rank}.pt"))
+        del engine, fresh
+    finally:
+        close_group()

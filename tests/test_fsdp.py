@@ -254,3 +254,15 @@ def test_torchrun_shards_a_transformers_model_like_one_process(tmp_path):
     # measured 2.9e-5; data parallelism on the same model and steps: 3.5e-5 (early Adam steps amplify
     # the summation order on this tiny model)
     assert max(((sharded[k] - single[k]).norm() / single[k].norm()).item() for k in single) < 1e-4
+
+
+def test_sharded_checkpoints_restore_exactly_and_a_corrupt_shard_is_refused_on_every_rank(tmp_path):
+    mp.spawn(workers.checkpoint_rank_main, args=(WORLD, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    results = [torch.load(tmp_path / f"checkpoint-rank{rank}.pt") for rank in range(WORLD)]
+    assert [r["step"] for r in results] == [2, 2]
+    assert all(r["same"] for r in results)  # restored step 2 + step 3 == the run that went on (bit for bit)
+    # rank 1 verifies its own file; rank 0 learns of it through the agreement, and nothing is loaded
+    assert "__1_0.distcp: size or checksum mismatch" in results[1]["refusal"], results[1]["refusal"]
+    assert "unusable on another rank" in results[0]["refusal"], results[0]["refusal"]
+    assert [r["fallback"] for r in results] == ["step-000002", "step-000002"]  # --resume auto walks back
