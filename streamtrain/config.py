@@ -21,6 +21,8 @@ from .optim.state import PRECISIONS
 
 DTYPES = ("float32", "bfloat16", "int8")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL = ("dp", "fsdp")
+SHARDED_METHODS = ("adamw", "galore")  # distributed/fsdp.py
 
 
 # float flag -> (low, high, low bound open?, the fix): every range a value may take
@@ -132,6 +134,10 @@ class TrainConfig:
     device: str = opt("auto", "device: auto picks cuda when present", choices=DEVICES)
     world_size: int = opt(0, "data-parallel ranks a --dry-run plans for (0: the launch's: torchrun's WORLD_SIZE, "
                              "else 1); each rank holds the whole model, so the plan is per rank")
+    parallel: str = opt("dp", "under torchrun: 'dp' keeps the whole model on every rank and averages gradients in "
+                              "the hooks; 'fsdp' shards weights, optimizer states and gradients over the ranks "
+                              "(FSDP2; --method adamw or galore); a --dry-run plans one rank of --world-size",
+                        choices=PARALLEL)
     check_replicas: int = opt(0, "under torchrun: compare a fingerprint of the weights across ranks every N steps "
                                  "and stop with an error if a replica diverged (0: never)")
     seed: int = opt(0, "seed for weights, data order and sampling")
@@ -191,6 +197,7 @@ class TrainConfig:
             fail("--tensorboard", "the 'tensorboard' package is not installed", "pip install -e '.[tensorboard]'")
         if self.world_size < 0 or self.check_replicas < 0:
             fail("--world-size/--check-replicas", "must be >= 0", "pass 0 or a positive integer")
+        self._validate_parallel()
         if self.eval_every < 0 or self.loss_chunk_tokens < 0 or self.max_data_bytes < 0:
             fail("--eval-every/--loss-chunk-tokens/--max-data-bytes", "must be >= 0", "pass 0 or a positive integer")
         return self
@@ -208,6 +215,21 @@ class TrainConfig:
         if self.quant_group_size not in GROUP_SIZES:
             fail("--quant-group-size", f"{self.quant_group_size} is not a supported group",
                  f"choose one of {', '.join(map(str, GROUP_SIZES))}")
+
+    def _validate_parallel(self) -> None:
+        if self.parallel not in PARALLEL:
+            fail("--parallel", f"unknown value {self.parallel!r}", f"choose one of {', '.join(PARALLEL)}")
+        if self.parallel == "fsdp" and self.method not in SHARDED_METHODS:
+            fail("--parallel fsdp", f"--method {self.method} is not supported sharded (its rule changes the "
+                 "model's structure or a matrix's rank)", f"use --method {' or '.join(SHARDED_METHODS)}, or "
+                 "--parallel dp")
+        if self.parallel == "fsdp" and self.check_replicas:
+            fail("--check-replicas", "compares replicas, and under --parallel fsdp every rank holds another shard",
+                 "drop --check-replicas")
+        if self.parallel == "fsdp" and (self.dtype == "int8" or self.projector_precision != "dense"):
+            fail("--parallel fsdp", "INT8 weights and low-bit projectors are not sharded yet (their codes and "
+                 "group scales are not FSDP2 parameters)", "use --dtype bfloat16 with dense projectors, or "
+                 "--parallel dp")
 
     def _validate_floats(self) -> None:
         """Every float flag is finite and inside the range where the math means something: a NaN

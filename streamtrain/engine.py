@@ -41,7 +41,7 @@ from torch._subclasses.fake_tensor import is_fake
 from . import engine_state
 
 from .optim.schedule import ConstantSchedule
-from .rules.base import Rule, StepContext
+from .rules.base import Rule, StepContext, local_part
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Engine:
                  accumulate: int = 1, weight_decay: float = 0.0, clip_per_tensor: float | None = None,
                  norm_growth: float | None = None, stochastic_rounding: bool = True,
                  skip_nonfinite: bool = True, max_nonfinite_in_row: int = 10,
-                 offload_accumulation: bool = False, reducer=None):
+                 offload_accumulation: bool = False, reducer=None, shards=None):
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         self.model = model
@@ -85,6 +85,8 @@ class Engine:
         self.buffer_device = torch.device("cpu") if offload_accumulation else None
         # data parallelism: averages each step gradient across ranks (distributed/reducer.py)
         self.reducer = reducer
+        # sharded data parallelism: FSDP2 reduced the gradient already (distributed/fsdp.ShardGroup)
+        self.shards = shards
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ValueError("the model is wrapped in DistributedDataParallel, whose reducer reads gradients the "
                              "engine's hooks have already consumed (the replicas would silently diverge); pass the "
@@ -144,6 +146,8 @@ class Engine:
 
     def _on_grad(self, name: str, param: torch.Tensor) -> None:
         grad, param.grad = param.grad, None
+        if self.shards is not None:  # FSDP2: rules get this rank's shards as plain tensors
+            param, grad = local_part(param), local_part(grad)
         if not self._in_backward:
             self._begin_backward()
         if name in self._seen_this_backward:
@@ -211,7 +215,7 @@ class Engine:
         self.context = self._context()
         self.contexts = self._rule_contexts()
         for ctx in self.contexts.values():
-            ctx.found_inf, ctx.collective = self._found_inf, self.reducer
+            ctx.found_inf, ctx.collective = self._found_inf, self.reducer or self.shards
         if self.reducer is not None and self._found_inf is not None and self.micro_index == self.accumulate - 1:
             # ranks flag their own earlier micro-batches: agree before the last one updates anything
             self._found_inf.copy_(self.reducer.maximum(self._found_inf))
@@ -291,9 +295,9 @@ class Engine:
             return
         contexts = self._rule_contexts(micro_index=self.accumulate - 1)
         for ctx in contexts.values():
-            ctx.found_inf = self._found_inf
+            ctx.found_inf, ctx.collective = self._found_inf, self.shards  # (a shard's refresh needs its ranks)
         for name in sorted(owed, key=list(self.params).index):
-            p, rule = self.params[name], self.rules[name]
+            p, rule = local_part(self.params[name]), self.rules[name]
             with torch.no_grad():
                 self._record_update(name, rule.update(p, torch.zeros_like(p), self.states[name], contexts[id(rule)]))
 
@@ -306,6 +310,8 @@ class Engine:
         values = torch.stack([flag, self._loss_sum.to(device), self._grad_sq.to(device).float()])
         if self.reducer is not None:
             values[1] = self.reducer.mean(values[1], counted=False)
+        elif self.shards is not None:  # each rank's norm covers its shards: summed; flags and losses agree
+            values = self.shards.step_values(values)
         if is_fake(values):
             return 0.0, math.nan, math.nan
         return tuple(values.tolist())

@@ -3,6 +3,7 @@
 `Trainer(config).run()` is what `python -m streamtrain.run` calls and what a library user calls.
 """
 import contextlib
+import gc
 import json
 import math
 import os
@@ -18,6 +19,8 @@ from .atomic import atomic_folder, tensor_bytes
 from .distributed.context import device_of, from_environment
 from .distributed.reducer import BucketReducer
 from .distributed.replicas import check_replicas
+from .distributed import fsdp
+from .distributed.sharded_checkpoint import locate_sharded, restore_sharded, save_sharded
 from .checkpoint import NonFiniteCheckpoint, latest_checkpoint, locate_intact, restore, save_checkpoint, step_of
 from .config import TrainConfig
 from .data import TokenDataset, data_identity, data_summary, load_corpus, tokenizer_identity
@@ -43,8 +46,11 @@ RUN_CONFIG = "run_config.json"  # the run's resolved settings (never config.json
 class Trainer:
     def __init__(self, config: TrainConfig):
         config = config.validate()
+        # a sharded plan simulates its ranks in a fake process group: rank 0 plans before the real one exists
+        early_plan = plan_before_training(config) if sharded_launch(config) and os.environ["RANK"] == "0" else None
         # under torchrun: this rank's process group and GPU; else the single-process context
         self.dist = from_environment(resolve_device(config.device).type)
+        self.sharded = self.dist.distributed and config.parallel == "fsdp"  # FSDP2 (distributed/fsdp.py)
         self.out = Path(config.out) if config.out else default_out(config.resume)
         self.lock = RunLock(self.out)
         if self.dist.is_main:
@@ -59,7 +65,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model_config = model_config_of(config)  # a preset, or a model folder's config.json
         self.tokenizer = build_tokenizer(config, self.model_config)  # --tokenizer, the folder's, or bytes
-        self.plan = plan_before_training(config)  # with --budget: refuses before anything real is allocated
+        # with --budget: refuses before anything real is allocated
+        self.plan = fsdp.shared_from_rank0(early_plan) if self.sharded else plan_before_training(config)
         corpus = load_corpus(config.data, self.tokenizer, config.max_data_bytes or None, config.text_field,
                              token_dtype=config.token_dtype, vocab_size=self.model_config.vocab_size)
         self.dataset = TokenDataset(corpus.tokens, config.seq_len, seed=config.seed)
@@ -69,10 +76,12 @@ class Trainer:
                                                     config.text_field, config.token_dtype),
                               "tokenizer": tokenizer_identity(self.tokenizer)}
         self.schedule_history = self._schedule_history()
-        self.model = build_run_model(config, self.device, self.model_config, weights=True)
+        # sharded: built in host RAM, then fully_shard moves one block at a time to the device and keeps the shard
+        home = torch.device("cpu") if self.sharded else self.device
+        self.model = build_run_model(config, home, self.model_config, weights=True)
         self.say(describe_model(config, self.model))
         prepare_model(self.model, config)
-        self.engine = build_engine(self.model, config, self.schedule_history, reducer=self._reducer()).attach()
+        self.engine = self._build_engine()
         sync_structure(self.engine)
         self.rule_summary, line = rules_line(self.engine)  # which rule governs what share of the model
         self.say(line)
@@ -87,6 +96,13 @@ class Trainer:
         self._barrier()  # every rank has checked the folder before rank 0 writes into it
 
     # -- data parallelism -----------------------------------------------------------------------
+    def _build_engine(self):
+        """The engine, attached: on this rank's shards under --parallel fsdp, else on the whole model
+        (with the hooks' all-reduce under torchrun)."""
+        if self.sharded:
+            return fsdp.build_sharded_engine(self.model, self.config, self.schedule_history, self.device, self.dist)
+        return build_engine(self.model, self.config, self.schedule_history, reducer=self._reducer()).attach()
+
     def _reducer(self):
         """The engine's all-reduce inside its hooks under torchrun (None: one process)."""
         if not self.dist.distributed:
@@ -119,7 +135,8 @@ class Trainer:
             print(f"--resume auto: no checkpoint in {self.out}; starting fresh", file=sys.stderr)
             return None
         # a run folder resumes from its newest intact checkpoint, a step folder from itself or not at all
-        return locate_intact(self.out if config.resume == "auto" else config.resume)
+        where = self.out if config.resume == "auto" else config.resume
+        return locate_sharded(where) if self.sharded else locate_intact(where)
 
     def _schedule_history(self) -> dict:
         """The run's schedule: its first --steps and every [step, --steps] change made on a resume
@@ -182,7 +199,8 @@ class Trainer:
             removed = clear_run(self.out)
             if removed:
                 print(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {self.out}", file=sys.stderr)
-        ranks = f" ({self.dist.world_size} data-parallel ranks)" if self.dist.distributed else ""
+        kind = "sharded (FSDP2)" if self.sharded else "data-parallel"
+        ranks = f" ({self.dist.world_size} {kind} ranks)" if self.dist.distributed else ""
         self.say(f"run folder: {self.out}{ranks}",
                  *plan_lines(self.plan, c), f"updates: {describe_backend()}", *self.data_summary)
         if self.resume_from is not None:
@@ -280,6 +298,8 @@ class Trainer:
         mean = torch.stack(losses).mean()
         if self.engine.reducer is not None:
             mean = self.engine.reducer.mean(mean, counted=False)
+        elif self.sharded:
+            mean = fsdp.mean_over_ranks(mean, self.dist.group)
         return mean.item()
 
     # -- checkpoints and faults -----------------------------------------------------------------
@@ -295,7 +315,10 @@ class Trainer:
                     "run_identity": self.data_identity, "schedule": self.schedule_history,
                     "world_size": self.dist.world_size}
         folder = self.out / "checkpoints" / f"step-{self.engine.step:06d}"
-        if self.dist.is_main:  # replicas are identical: one of them writes
+        if self.sharded:  # every rank writes its shards
+            folder = save_sharded(self.out, self.engine, position=self.position, identity=self.identity(),
+                                  metadata=metadata, keep=self.config.keep_checkpoints)
+        elif self.dist.is_main:  # replicas are identical: one of them writes
             folder = save_checkpoint(self.out, self.engine, position=self.position, identity=self.identity(),
                                      metadata=metadata, keep=self.config.keep_checkpoints)
         self._barrier()
@@ -313,8 +336,11 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the checkpoint _locate_resume found (verified, of the same run)."""
         path, loaded = self.resume_from
-        record = restore(path, self.engine, *loaded, identity=self.identity(),
-                         max_position=self.max_position())
+        if self.sharded:
+            record = restore_sharded(path, self.engine, loaded[0], identity=self.identity(),
+                                     max_position=self.max_position())
+        else:
+            record = restore(path, self.engine, *loaded, identity=self.identity(), max_position=self.max_position())
         self.position = record["position"]
         if record["metadata"].get("initial_val_loss") is not None:
             self.initial_val_loss = record["metadata"]["initial_val_loss"]
@@ -357,12 +383,13 @@ class Trainer:
                                  f"finite checkpoint is {latest_checkpoint(self.out) or 'none'}", exit_code=3) from None
         self.engine.detach()
         final = self.out / "final"
+        gathered = fsdp.full_weights(self.model) if self.sharded else None  # every rank sends its shards
         if not self.dist.is_main:  # rank 0 exports (and speaks) for everyone
             self._barrier()
             return {"steps": self.engine.step, "weights": str(final), "rank": self.dist.rank, "quiet": True}
         # an HF folder (weights with LoRA adapters merged in, config.json, tokenizer) that transformers
         # loads, replacing an older final/ only once written whole
-        weights = merged_state_dict(self.model) if has_lora(self.model) else base_state_dict(self.model)
+        weights = merged_state_dict(self.model) if has_lora(self.model) else gathered or base_state_dict(self.model)
         weights = dequantized_state_dict(self.model, weights)  # INT8 layers: bf16 weights under HF names
         fix = "free some space, then finish with --resume auto (the last step's checkpoint is saved)"
         folder = self.config.model if is_model_folder(self.config.model) else None
@@ -387,6 +414,11 @@ class Trainer:
         self.write_memory_report()
         self._barrier()
         return summary
+
+
+def sharded_launch(config: TrainConfig) -> bool:
+    """A torchrun launch of a --parallel fsdp run."""
+    return config.parallel == "fsdp" and "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 class SilentLogbook:
@@ -455,4 +487,8 @@ def train(config: TrainConfig) -> dict:
         return Trainer(config).run()
     finally:
         if torch.distributed.is_initialized():
+            # FSDP2's modules and device mesh hold the group in reference cycles: freed only by a collection.
+            # Left to interpreter exit, gloo's I/O thread could outlive its group ("terminate called
+            # without an active exception", SIGABRT after a finished run; seen 1 in 2 under load)
+            gc.collect()
             torch.distributed.destroy_process_group()

@@ -9,7 +9,8 @@ temporaries), so k is simulated as min(k, 2).
 
 Depth. Fake tensors cost ~0.2-0.5 ms per op, so 32 layers x 2 steps of llama-7b take ~30-60 s.
 Every per-layer quantity (weights, states, bases, buffers, saved activations) is linear in the
-number of identical layers, so a model deeper than 4 layers is simulated at 2 and 3 layers and
+number of identical layers, so a model deeper than 4 layers is simulated at 2 and 3 layers (a
+sharded one, deeper than 5, at 3 and 4: see SHARDED_SHALLOW_LAYERS) and
 each phase's bytes are extrapolated to the full depth; phases of the middle layers lie between
 those of the bottom and the top layer, which are kept. This is exact (the tests compare it with
 a full-depth simulation); `full_depth=True` (--plan-full-depth) simulates every layer instead.
@@ -25,7 +26,6 @@ step; each phase's bytes are affine in the micro-batch size, which gives the lar
 """
 import contextlib
 import math
-import os
 import re
 import time
 from dataclasses import replace
@@ -37,10 +37,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import TrainConfig, command_line
 from ..models.hf_config import uniform_layers, with_layers
-from ..recipe import build_engine, build_run_model, model_config_of, prepare_model, sync_structure
+from ..recipe import build_run_model, model_config_of, prepare_model, sync_structure
 from ..optim.lowbit_basis import PROJECTOR_PRECISIONS
 from ..optim.state import PRECISIONS
 from .device import communication_lines, overhead_lines, svd_workspace_bytes
+from .sharded_plan import SHARDED_SHALLOW_LAYERS, bucket_ranks, sharded_world, simulated_engine, world_size_search
 from .tracker import CATEGORIES, MemoryTracker
 from .units import format_bytes, parse_bytes
 
@@ -96,11 +97,11 @@ def simulate(config: TrainConfig, model_config=None, *, steps: int = SIMULATED_S
         mode.cache_enabled = False  # its cache costs more than it saves on these op mixes
     tracker = MemoryTracker(round_to=round_to, timeline_steps=steps)
     generator = torch.Generator().manual_seed(config.seed)
-    with mode:
+    with sharded_world(config, fake) as mesh, mode:
         if fake:
             materialize(model)
         prepare_model(model, config)
-        engine = build_engine(model, config, skip_nonfinite=False).attach()
+        engine = simulated_engine(model, config, mesh, fake)
         sync_structure(engine)
         with tracker:
             tracker.watch(model, engine)
@@ -136,12 +137,6 @@ def materialize(model: nn.Module) -> None:
 
 
 # -- a plan --------------------------------------------------------------------------------------
-def planned_world_size(config: TrainConfig) -> int:
-    """The data-parallel ranks a plan is for: --world-size, else torchrun's WORLD_SIZE, else 1.
-    A plan is per rank: each holds the whole model (replicated data parallelism)."""
-    return config.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def breakdown(target: str, peak: dict, timeline: list[dict], budget: int | None, world_size: int = 1) -> dict:
     """Category lines of the tensor peak, the device's overhead lines, the total and the verdict."""
     categories = [{"label": c, "bytes": int(peak["by_category"].get(c, 0)), "note": CATEGORY_NOTES[c]}
@@ -156,20 +151,20 @@ def breakdown(target: str, peak: dict, timeline: list[dict], budget: int | None,
 def plan_config(config: TrainConfig, target: str | None = None, budget: int | None = None,
                 full_depth: bool = False) -> dict:
     """The plan of `config` exactly as given: simulated at full depth when asked (or when the
-    model is shallow anyway), else at 2 and 3 layers and extrapolated phase by phase."""
+    model is shallow anyway), else at 2 and 3 layers (3 and 4 sharded) and extrapolated phase by phase."""
     target = target or plan_target(config)
     model_config = model_config_of(config)
     depth = model_config.num_hidden_layers
     round_to = 512 if target == "cuda" else 1
-    if full_depth or not extrapolates(model_config):
+    if full_depth or not extrapolates(model_config, config):
         summary = simulate(config, model_config, round_to=round_to)
         summary["simulated"]["method"] = f"all {depth} layers simulated"
     else:
         shallow = {L: simulate(config, with_layers(model_config, L), round_to=round_to)
-                   for L in SHALLOW_LAYERS}
+                   for L in shallow_layers(config)}
         summary = extrapolate_summary(shallow, depth)
     return {"target": target, "budget": budget, "peak": summary["peak"],
-            **breakdown(target, summary["peak"], summary["timeline"], budget, planned_world_size(config)),
+            **breakdown(target, summary["peak"], summary["timeline"], budget, bucket_ranks(config)),
             "max_by_category": summary["max_by_category"], "host_bytes": summary["host_peak"],
             "step_peaks": summary["step_peaks"],
             "timeline": summary["timeline"], "simulated": summary["simulated"]}
@@ -189,34 +184,42 @@ def plan_run(config: TrainConfig, *, search: bool = False, full_depth: bool = Fa
     plan = plan_config(config, target, budget, full_depth)
     if budget is not None and (search or not plan["fits"]):
         plan["search"] = search_knobs(config, target, budget)
+    if budget is not None and not plan["fits"] and config.parallel == "fsdp":
+        plan["world_sizes"] = world_size_search(config, target, budget)
     return plan
 
 
 # -- extrapolation in depth ----------------------------------------------------------------------
-def extrapolates(model_config) -> bool:
+def shallow_layers(config: TrainConfig) -> tuple[int, int]:
+    """The two depths a deep model is simulated at."""
+    return SHARDED_SHALLOW_LAYERS if config.parallel == "fsdp" else SHALLOW_LAYERS
+
+
+def extrapolates(model_config, config: TrainConfig) -> bool:
     """Deep enough to gain from shallow simulations, with blocks that are all alike (a model with
     per-layer attention types is simulated at full depth)."""
-    return model_config.num_hidden_layers > max(SHALLOW_LAYERS) + 1 and uniform_layers(model_config)
+    return model_config.num_hidden_layers > max(shallow_layers(config)) + 1 and uniform_layers(model_config)
 
 
 def extrapolate_summary(shallow: dict, depth: int) -> dict:
     """A tracker summary at `depth` layers from summaries at the two SHALLOW_LAYERS depths: each
     phase's bytes by category, each category's maximum and the allocator rounding, linear in the
     layer count. The timeline keeps the bottom and top layer's phases (the middle ones lie between)."""
-    low, high = (shallow[L] for L in SHALLOW_LAYERS)
-    tables = {L: phase_table(shallow[L]["timeline"], L) for L in SHALLOW_LAYERS}
+    layers = tuple(sorted(shallow))
+    low, high = (shallow[L] for L in layers)
+    tables = {L: phase_table(shallow[L]["timeline"], L) for L in layers}
     timeline = []
-    for key in tables[SHALLOW_LAYERS[1]]:
-        if key in tables[SHALLOW_LAYERS[0]]:
-            at_peak = linear_in_depth(*(tables[L][key]["at_peak"] for L in SHALLOW_LAYERS), depth)
+    for key in tables[layers[1]]:
+        if key in tables[layers[0]]:
+            at_peak = linear_in_depth(*(tables[L][key]["at_peak"] for L in layers), depth, layers)
             record = {"step": key[0], "micro": key[1], "phase": key[2], "peak": sum(at_peak.values()),
                       "at_peak": at_peak}
-            if "svd" in tables[SHALLOW_LAYERS[1]][key]:  # matrix shapes do not change with depth
-                record["svd"] = tables[SHALLOW_LAYERS[1]][key]["svd"]
+            if "svd" in tables[layers[1]][key]:  # matrix shapes do not change with depth
+                record["svd"] = tables[layers[1]][key]["svd"]
             timeline.append(record)
     top = max(timeline, key=lambda r: r["peak"])
     rounding = linear_in_depth({"r": low["peak"]["rounded_total"] - low["peak"]["total"]},
-                               {"r": high["peak"]["rounded_total"] - high["peak"]["total"]}, depth)["r"]
+                               {"r": high["peak"]["rounded_total"] - high["peak"]["total"]}, depth, layers)["r"]
     peak = {"total": top["peak"], "rounded_total": top["peak"] + rounding, "phase": top["phase"],
             "step": top["step"], "micro": top["micro"], "by_category": top["at_peak"]}
     step_peaks = []
@@ -225,17 +228,18 @@ def extrapolate_summary(shallow: dict, depth: int) -> dict:
         step_peaks.append({"step": step, "total": best["peak"], "phase": best["phase"], "micro": best["micro"],
                            "by_category": best["at_peak"]})
     simulated = {**high["simulated"], "layers": depth, "seconds": low["simulated"]["seconds"] + high["simulated"]["seconds"],
-                 "method": f"simulated at {SHALLOW_LAYERS[0]} and {SHALLOW_LAYERS[1]} layers, extrapolated "
+                 "method": f"simulated at {layers[0]} and {layers[1]} layers, extrapolated "
                            f"per phase to {depth} (exact: every per-layer quantity is linear in depth)"}
     return {"peak": peak, "timeline": timeline, "step_peaks": step_peaks,
-            "max_by_category": linear_in_depth(low["max_by_category"], high["max_by_category"], depth),
-            "host_peak": linear_in_depth({"host": low["host_peak"]}, {"host": high["host_peak"]}, depth)["host"],
+            "max_by_category": linear_in_depth(low["max_by_category"], high["max_by_category"], depth, layers),
+            "host_peak": linear_in_depth({"host": low["host_peak"]}, {"host": high["host_peak"]}, depth,
+                                         layers)["host"],
             "simulated": simulated}
 
 
-def linear_in_depth(low: dict, high: dict, depth: int) -> dict:
-    """Per-key bytes at `depth` layers from the values at the two SHALLOW_LAYERS depths."""
-    (l0, l1), keys = SHALLOW_LAYERS, set(low) | set(high)
+def linear_in_depth(low: dict, high: dict, depth: int, layers: tuple[int, int] = SHALLOW_LAYERS) -> dict:
+    """Per-key bytes at `depth` layers from the values at the two shallow depths `layers`."""
+    (l0, l1), keys = layers, set(low) | set(high)
     return {k: max(0, round(low.get(k, 0) + (depth - l0) * (high.get(k, 0) - low.get(k, 0)) / (l1 - l0)))
             for k in keys}
 
@@ -289,13 +293,16 @@ def ladder(config: TrainConfig, target: str) -> list[dict]:
     if target == "cuda" and not config.offload_accumulation and config.batch_size * config.accumulate > 1:
         changes = {**changes, "offload_accumulation": True}
         rungs.append({"name": "+ accumulation buffers in host RAM", "changes": changes, "exact": True})
+    sharded = config.parallel == "fsdp"  # INT8 weights and low-bit bases are not sharded (config.py)
     for dtype in WEIGHT_DTYPES[WEIGHT_DTYPES.index(config.dtype) + 1:]:
+        if sharded and dtype == "int8":
+            break
         changes = {**changes, "dtype": dtype}
         rungs.append({"name": f"+ {WEIGHT_NAMES[dtype]} weights", "changes": changes, "exact": False})
     for precision in PRECISIONS[PRECISIONS.index(config.states) + 1:]:
         changes = {**changes, "states": precision}
         rungs.append({"name": f"+ {precision} states", "changes": changes, "exact": False})
-    if config.method in PROJECTOR_METHODS:
+    if config.method in PROJECTOR_METHODS and not sharded:
         for precision in PROJECTOR_PRECISIONS[PROJECTOR_PRECISIONS.index(config.projector_precision) + 1:]:
             changes = {**changes, "projector_precision": precision}
             rungs.append({"name": f"+ {precision} projectors", "changes": changes, "exact": False})
@@ -338,7 +345,8 @@ def search_knobs(config: TrainConfig, target: str, budget: int) -> dict:
     exact = [r for r in fitting if r["exact"]]
     best = max(exact or fitting, key=lambda r: r["max_batch_size"]) if fitting else None
     return {"rungs": results, "best": best, "sequences_per_step": cap,
-            "method": "simulated at 2 and 3 layers and two micro-batch sizes, extrapolated per phase"}
+            "method": f"simulated at {' and '.join(map(str, shallow_layers(config)))} layers and two micro-batch "
+                      "sizes, extrapolated per phase"}
 
 
 def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) -> dict:
@@ -379,13 +387,13 @@ def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) ->
 
 def phase_totals(trial: TrainConfig, model_config, target: str, batch_size: int) -> dict:
     """{(step, micro, phase): device bytes} of one logical step of `trial` at `batch_size`
-    (simulated at 2 and 3 layers and extrapolated when the model is deeper than 4)."""
+    (simulated at two shallow depths and extrapolated when the model is deep enough)."""
     depth = model_config.num_hidden_layers
-    shallow = extrapolates(model_config)
+    shallow = extrapolates(model_config, trial)
     runs = {L: simulate(replace(trial, batch_size=batch_size), with_layers(model_config, L), steps=1)
-            for L in (SHALLOW_LAYERS if shallow else (depth,))}
+            for L in (shallow_layers(trial) if shallow else (depth,))}
     table = (extrapolate_summary(runs, depth) if shallow else runs[depth])["timeline"]
-    world_size = planned_world_size(trial)
+    world_size = bucket_ranks(trial)
     return {(r["step"], r["micro"], r["phase"]): device_total(target, r, world_size) for r in table}
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .planner import PlanRefused, fitting_command, flags_of, plan_config, plan_run, search_knobs
+from .sharded_plan import world_size_search
 from .tracker import CATEGORIES
 from .units import format_bytes, parse_bytes
 
@@ -31,14 +32,21 @@ def dry_run(config) -> dict:
         plan = plan_config(config, budget=parse_bytes(config.budget), full_depth=config.plan_full_depth)
         plan["refused"] = str(refusal)
         plan["search"] = search_knobs(config, plan["target"], plan["budget"])
+        if config.parallel == "fsdp":
+            plan["world_sizes"] = world_size_search(config, plan["target"], plan["budget"])
     report = build_report("dry run", config, plan)
     from ..runfolder import default_out
     paths = write_report(config.out or default_out(None), report)
     print("\n".join(verdict_lines(report) + [""] + breakdown_table(plan, report["budget"])
-                    + ([""] + search_table(plan["search"]) if plan.get("search") else [])))
+                    + ([""] + search_table(plan["search"]) if plan.get("search") else [])
+                    + ([""] + world_size_table(plan["world_sizes"]) if plan.get("world_sizes") else [])))
     best = (plan.get("search") or {}).get("best")
     message = (f"dry run: {'fits' if plan['fits'] else 'does not fit'}; needs {format_bytes(plan['total'])}"
                + (f"; {plan['refused']}" if plan.get("refused") else "") + f"; report in {paths[1]}")
+    fitting_ranks = [w for w in plan.get("world_sizes", []) if w["fits"]]
+    if fitting_ranks:
+        message += (f"\nas configured, it fits on {fitting_ranks[0]['world_size']} ranks "
+                    f"({format_bytes(fitting_ranks[0]['total'])} each): --nproc-per-node {fitting_ranks[0]['world_size']}")
     if best and not plan["fits"]:  # the whole command, ready to paste
         message += f"\nwhat fits ({best['tokens_per_micro_batch']} tokens per micro-batch): {fitting_command(config, best)}"
     return {"dry_run": True, "fits": plan["fits"], "total": plan["total"], "report": str(paths[1]), "message": message}
@@ -76,12 +84,24 @@ def markdown(report: dict) -> str:
     lines += [""] + phase_table(source["timeline"], source["peak"]["step"])
     if plan.get("search"):
         lines += [""] + search_table(plan["search"])
+    if plan.get("world_sizes"):
+        lines += [""] + world_size_table(plan["world_sizes"])
     return "\n".join(lines) + "\n"
 
 
 def describe(config: dict) -> str:
     method = config["method"] + (f" rank {config['rank']}" if config["method"] != "adamw" else "")
-    return f"{config['model']}, {method}, {config['states']} states, {config['dtype']} weights"
+    text = f"{config['model']}, {method}, {config['states']} states, {config['dtype']} weights"
+    if config.get("parallel") == "fsdp":
+        text += f", one of {config.get('world_size') or 'the launch’s'} FSDP2 ranks (weights, gradients, states sharded)"
+    return text
+
+
+def world_size_table(tried: list[dict]) -> list[str]:
+    rows = ["## More ranks: the configuration as given, per rank", "", "| ranks | needs per rank | fits |",
+            "|---:|---:|---|"]
+    rows += [f"| {w['world_size']} | {w['total'] / 1e9:.2f} GB | {'yes' if w['fits'] else 'no'} |" for w in tried]
+    return rows
 
 
 def verdict_lines(report: dict) -> list[str]:

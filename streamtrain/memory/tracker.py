@@ -27,8 +27,12 @@ hook again; that is not a forward phase and is ignored.
 import weakref
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from ..rules.base import local_part
+from .fsdp_storage import follow_fsdp_storage
 
 CATEGORIES = ("weights", "gradients", "optimizer_states", "projectors", "activations", "loss", "temporaries")
 HOST = "host"  # kept in host RAM on purpose (offloaded accumulation buffers): counted apart, not device bytes
@@ -143,10 +147,23 @@ class MemoryTracker(TorchDispatchMode):
         self._add(size, category)  # back to the same total when both are device categories
 
     def label(self, t: torch.Tensor, category: str) -> None:
-        """File `t`'s storage under `category` (counting it now if it was made before tracking)."""
+        """File `t`'s storage under `category` (counting it now if it was made before tracking); of
+        a DTensor (an FSDP2 shard), its local tensor."""
         if category not in CATEGORIES + (HOST,):
             raise ValueError(f"unknown memory category {category!r}; choose one of {CATEGORIES + (HOST,)}")
-        self._see(t, category)
+        self._see(local_part(t), category)
+
+    def resized(self, t: torch.Tensor, category: str) -> None:
+        """`t`'s storage was resized in place (FSDP2 frees and re-allocates a gathered block's
+        storages that way, unseen by dispatch; memory/fsdp_storage.py): count its new size."""
+        storage = t.untyped_storage()
+        entry = self._live.get(id(storage))
+        if entry is None:
+            self._see(t, category)
+            return
+        self._remove(*entry)
+        entry[:] = [storage.nbytes(), category]
+        self._add(*entry)
 
     def label_state(self, state: dict) -> None:
         """Rule state: accumulation buffers are gradients (host when the engine offloads them), the
@@ -189,6 +206,8 @@ class MemoryTracker(TorchDispatchMode):
         blocks (forward hooks on `model.blocks`), the start of backward (a hook on the model's output), each gradient
         arriving at a parameter, each engine hook, each step end."""
         self._model = model
+        if any(isinstance(m, FSDPModule) for m in model.modules()):
+            self._handles.append(Undo(follow_fsdp_storage(self)))
         for p in model.parameters():
             self.label(p, "weights")
         for b in model.buffers():
@@ -255,6 +274,13 @@ class MemoryTracker(TorchDispatchMode):
     def summary(self) -> dict:
         return {"peak": self.peak, "max_by_category": dict(self.max_by_category), "host_peak": self.host_peak,
                 "step_peaks": self.step_peaks, "timeline": compact_timeline(self.timeline)}
+
+
+class Undo:
+    """A function that undoes something, with a removable handle's `remove()`."""
+
+    def __init__(self, undo):
+        self.remove = undo
 
 
 def nonzero(by_category: dict) -> dict:

@@ -33,8 +33,8 @@ from ..optim.quant8 import BLOCK_SIZE, BlockwiseState8bit, num_blocks
 from ..optim.int8_weights import flat_weight
 from ..optim.rounding import read_weight, write_weight
 from ..optim.state import make_state, working, working_dtype
-from .base import (Rule, add_to_buffer, check_step_gradient, clip_scale, common_state, keep_norm, take_step_gradient,
-                   update_weight)
+from .base import (Rule, add_to_buffer, check_step_gradient, clip_scale, common_state, keep_norm, local_part,
+                   take_step_gradient, update_weight)
 
 
 def squared_norm(flat: torch.Tensor) -> torch.Tensor:
@@ -53,8 +53,9 @@ class AdamW(Rule):
 
     def init_state(self, name, param):
         state = common_state(param)
-        state["exp_avg"] = make_state(param.shape, self.states, signed=True, device=param.device, param_dtype=param.dtype)
-        state["exp_avg_sq"] = make_state(param.shape, self.states, signed=False, device=param.device, param_dtype=param.dtype)
+        shape = local_part(param).shape  # under FSDP2 the moments hold this rank's shard only
+        state["exp_avg"] = make_state(shape, self.states, signed=True, device=param.device, param_dtype=param.dtype)
+        state["exp_avg_sq"] = make_state(shape, self.states, signed=False, device=param.device, param_dtype=param.dtype)
         state["grad_acc"] = None  # fp32 sum of earlier micro-batches, only while accumulating
         return state
 

@@ -3,6 +3,7 @@ interface, and the last stage of every update (growth limit, weight decay, round
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..optim.adam import decoupled_weight_decay
 from ..optim.clip import clip_factor, clip_to_norm, limit_norm_growth
@@ -142,6 +143,8 @@ def check_step_gradient(grad_sq: torch.Tensor, ctx: StepContext) -> torch.Tensor
     norm it reports is the one pass over the gradient the check needs. Returns `grad_sq`."""
     if ctx.found_inf is not None:
         ctx.found_inf.masked_fill_(torch.isfinite(grad_sq).logical_not_(), 1.0)
+        if getattr(ctx.collective, "sharded", False):  # FSDP2: a NaN in one rank's shard masks every rank's
+            ctx.collective.agree(ctx.found_inf)
     return grad_sq
 
 
@@ -190,6 +193,15 @@ def update_weight(weight: torch.Tensor, direction: torch.Tensor, ctx: StepContex
             decoupled_weight_decay(w, ctx.lr, ctx.weight_decay, ctx.found_inf)
             w.add_(direction, alpha=-ctx.lr)
             write_weight(weight, w, ctx.stochastic_rounding, found_inf=ctx.found_inf)
+
+
+def local_part(t):
+    """This rank's shard of a DTensor (an FSDP2 parameter or gradient; a view, so in-place updates
+    reach the sharded storage), anything else as it is. Rules size their states by it."""
+    if isinstance(t, DTensor):
+        with torch.no_grad():
+            return t.to_local()
+    return t
 
 
 def common_state(param: torch.Tensor) -> dict:

@@ -32,8 +32,8 @@ from ..optim.projector import (SVD_METHODS, low_rank_view, project, project_back
                                 projection_side, randomized_basis, svd_basis)
 from ..optim.state import make_state, working
 from ..optim.state_adam import state_adam_direction
-from .base import (Rule, add_to_buffer, check_step_gradient, common_state, keep_norm, maybe_clip, take_buffer,
-                   update_weight)
+from .base import (Rule, add_to_buffer, check_step_gradient, common_state, keep_norm, local_part, maybe_clip,
+                   take_buffer, update_weight)
 
 SUBSPACE_SOURCES = ("first_micro_batch", "full_step")
 
@@ -68,9 +68,10 @@ class GaLore(Rule):
     def init_state(self, name, param):
         if param.dim() != 2:
             raise ValueError(f"GaLore needs a matrix; {name} has shape {tuple(param.shape)}")
-        side = projection_side(param.shape)
+        side = projection_side(param.shape)  # (a DTensor's shape is the whole matrix's)
+        check_shard_dim(name, param, side)
         rank = min(self.rank, *param.shape)
-        low = projected_shape(param.shape, rank, side)
+        low = projected_shape(local_part(param).shape, rank, side)  # moments: this rank's shard only
         basis_rows = param.shape[0] if side == "left" else param.shape[1]
         state = common_state(param)
         state.update(
@@ -105,23 +106,26 @@ class GaLore(Rule):
         grad = self.refresh_gradient(grad, ctx)
         if grad is None:
             return
-        basis = state["basis"]  # (the broadcast's buffer, under data parallelism)
-        buffer = torch.empty(basis.shape[0], state["rank"], dtype=basis.dtype, device=grad.device)
-        store_basis(state, shared_result(ctx, state, lambda: self.new_basis(state, grad), buffer))
+        if is_sharded(ctx):  # FSDP2: `grad` is this rank's shard (distributed/sharded_refresh.py)
+            store_basis(state, ctx.collective.basis(self, state, grad, 0 if state["side"] == "right" else 1))
+        else:
+            basis = state["basis"]  # (the broadcast's buffer, under data parallelism)
+            buffer = torch.empty(basis.shape[0], state["rank"], dtype=basis.dtype, device=grad.device)
+            store_basis(state, shared_result(ctx, state, lambda: self.new_basis(state, grad), buffer))
         state["refresh_step"] = ctx.step
         state["refreshes"] += 1
 
     def refresh_gradient(self, grad, ctx):
         """The gradient a refresh uses (averaged over ranks), or None when it is not finite or the
         step is already known bad (a skipped step keeps its subspaces)."""
-        if ctx.collective is not None:
+        if ctx.collective is not None and not is_sharded(ctx):  # (FSDP2 has averaged it already)
             grad = ctx.collective.mean(grad)
         if is_fake(grad):
             return grad
         finite = torch.isfinite(grad.sum())
         if ctx.found_inf is not None:
             finite = finite & (ctx.found_inf.to(finite.device) == 0)
-        if not bool(finite):
+        if not (ctx.collective.all_true(finite) if is_sharded(ctx) else bool(finite)):  # shards: every rank agrees
             if ctx.found_inf is not None:
                 ctx.found_inf.fill_(1.0)
             return None
@@ -237,6 +241,23 @@ def shared_result(ctx, state: dict, compute, buffer: torch.Tensor) -> torch.Tens
     if ctx.collective.rank == owner:
         buffer.copy_(compute())
     return ctx.collective.broadcast(buffer, owner)
+
+
+def is_sharded(ctx) -> bool:
+    """Whether the parameter is an FSDP2 shard (ctx.collective is a distributed.fsdp.ShardGroup)."""
+    return getattr(ctx.collective, "sharded", False)
+
+
+def check_shard_dim(name: str, param, side: str) -> None:
+    """A sharded GaLore matrix must be split on the dimension it does not project (rows for a
+    right projection, columns for a left one), or its projection would need every shard."""
+    placements = getattr(param, "placements", None)
+    if placements is None:
+        return
+    wanted = 0 if side == "right" else 1
+    if [getattr(p, "dim", None) for p in placements] != [wanted]:
+        raise ValueError(f"GaLore matrix {name} ({side} projection) is sharded as {placements}; shard it on dim "
+                         f"{wanted} (distributed.fsdp.shard_model does)")
 
 
 def sketch_seed(seed: int, state: dict) -> int:
