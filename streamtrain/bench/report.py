@@ -2,6 +2,7 @@
 import torch
 
 from .comparisons import key_comparisons, ratio, worst_key
+from .parallel import parallel_lines
 from .presets import PRESETS
 from .rows import describe
 
@@ -24,6 +25,8 @@ def to_markdown(report: dict) -> str:
     lines += [f"- skipped: {line}" for line in report["skipped"]]
     if "hooks" in report:
         lines += ["", "## Hook overhead (issue item 4)", ""] + hooks_lines(report["hooks"])
+    if "parallel" in report:
+        lines += ["", "## Data parallel (issue 15)", ""] + parallel_lines(report["parallel"])
     lines += ["", "## Randomized vs exact SVD (issue 7)", ""] + svd_lines(report.get("svd"))
     return "\n".join(lines) + "\n"
 
