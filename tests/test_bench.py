@@ -269,8 +269,9 @@ def test_markdown_ratios_are_taken_against_the_named_baseline():
     report = dict(rows={"base": row, "half": half, "broken": {"row": row["row"], "error": "worker exited 1: boom"}},
                   device="cpu", baseline="base", preset="custom", preset_settings=asdict(TINY),
                   machine=bench.machine_description("cpu"), load_average_start=None, load_average_end=None,
-                  skipped=["peer x: not installed"])
+                  skipped=["peer x: not installed"], note="two test suites ran beside it")
     lines = bench.to_markdown(report).splitlines()
+    assert "- Note: two test suites ran beside it" in lines
     half = next(line for line in lines if line.startswith("| half |"))
     assert half.split(" | ")[1:10] == ["100", "0.50x", "100", "0.50x", "1.50", "2.00", "200", "1.0", "0.25x"]
     assert "| broken | worker exited 1: boom |" in lines

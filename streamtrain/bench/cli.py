@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
                         "for quick and gpu); each run launches them with torchrun")
     p.add_argument("--out", default=None, help="output path without suffix (default: profiles/bench-DEVICE "
                                                "for --preset full, runs/bench-PRESET-DEVICE otherwise)")
+    p.add_argument("--note", default=None,
+                   help="a line for the report's header (e.g. what else ran on the machine meanwhile)")
     p.add_argument("--list", action="store_true", help="list the rows this installation can run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
         return 2
     try:
         report = run(args, device)
+        if args.note:
+            report["note"] = args.note
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

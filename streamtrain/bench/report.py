@@ -80,6 +80,7 @@ def header_lines(report: dict) -> list[str]:
         f"- Load average (1, 5, 15 min): {report['load_average_start']} at the start, "
         f"{report['load_average_end']} at the end; `load`: the 1-minute load after each row's last run.",
         f"- Reproduce: `python -m streamtrain.bench --preset {report['preset']} --device {device}{threads_flag}`",
+        *([f"- Note: {report['note']}"] if report.get("note") else []),
         ""]
 
 
