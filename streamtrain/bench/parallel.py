@@ -49,7 +49,7 @@ def traffic_summary(traffic: list[list[int]], skip: int) -> dict:
 
 
 def summarize(measured: dict, task: dict, skip: int) -> dict:
-    """One run's line of the section: step times (median wall and CPU), tokens/s, bytes."""
+    """One run's line of the section: step times (median wall and CPU, rank 0's), bytes, val loss."""
     result = {"row": task["row"].name, "ranks": task["ranks"], "batch_per_rank": task["batch_size"]}
     if "error" in measured:
         return {**result, "error": measured["error"]}
