@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The GPU check, in one command for one short GPU lease (see profiles/README.md, "GPU check").
 #
-#   bash profiles/gpu-check.sh OUT_DIR        on a machine with one CUDA GPU (about 5 minutes, at most 8)
+#   bash profiles/gpu-check.sh OUT_DIR        on a machine with one CUDA GPU (about 6 minutes, at most 8)
 #   bash profiles/gpu-check.sh --cpu-smoke OUT_DIR   the same phases on CPU with tiny models (a dry run, ~2 min)
 #   bash profiles/gpu-check.sh --prepare-wheels      here, with pip's network: peer wheels for the GPU machine
 #
 # Run from the repository root. Nothing is downloaded. Phases, each under its own `timeout` so a
 # hang costs that phase alone, each writing its files into OUT_DIR as soon as it ends:
 #   0 setup    the GPU, torch, the peer wheels carried in .whl/ installed into /tmp/site  (cap 40 s)
-#   1 tests    the tests that skip without CUDA (selected by their skip reason)          (cap 70 s)
-#   2 recipe   two steps of the LLaMA-7B GaLore recipe of profiles/ under the 24 GB
-#              allocator cap (randomized SVD), memory measured next to the plan          (cap 200 s)
-#   3 bench    python -m streamtrain.bench --preset gpu: tokens/s and step-time ratios   (cap 170 s)
+#   1 tests    the tests that skip without CUDA (selected by their skip reason)          (cap 60 s)
+#   2 nccl     torchrun --nproc-per-node 1: a few data-parallel steps of the tiny model on
+#              the nccl backend (gloo with --cpu-smoke), then the same with --parallel fsdp
+#              ("not available" while streamtrain.run has no --parallel flag)            (cap 40 s)
+#   3 recipe   two steps of the LLaMA-7B GaLore recipe of profiles/ under the 24 GB
+#              allocator cap (randomized SVD), memory measured next to the plan          (cap 180 s)
+#   4 bench    python -m streamtrain.bench --preset gpu: tokens/s and step-time ratios   (cap 160 s)
 # OUT_DIR gets 8 files (the device tool brings back at most 8): gpu-check.log, tests.log,
 # memory.md, memory.json, memory.png, recipe.json, bench.md, bench.json. The summary is printed last.
 # shellcheck disable=SC2317  # the phase functions run indirectly, through `timeout bash -c`
@@ -21,8 +24,8 @@ ACCUMULATE=${ACCUMULATE:-4}   # the recipe accumulates 32 micro-batches; 4 give 
 STEPS=${STEPS:-2}             # step 0 takes all 224 first subspaces; step 1 is a plain step
 RECIPE=${RECIPE:-bf16}        # bf16: the 24 GB recipe; int8: the 12 GB one (INT8 weights, INT4 bases, rank 256)
 PEER_WHEELS="torchao==0.18.0 bitsandbytes==0.50.2 galore-torch==1.0"
-CAP_SETUP=${CAP_SETUP:-40} CAP_TESTS=${CAP_TESTS:-70}   # seconds; 480 in all by default
-CAP_RECIPE=${CAP_RECIPE:-200} CAP_BENCH=${CAP_BENCH:-170}
+CAP_SETUP=${CAP_SETUP:-40} CAP_TESTS=${CAP_TESTS:-60}   # seconds; 480 in all by default
+CAP_NCCL=${CAP_NCCL:-40} CAP_RECIPE=${CAP_RECIPE:-180} CAP_BENCH=${CAP_BENCH:-160}
 
 usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; }
 
@@ -96,6 +99,37 @@ PY
     --continue-on-collection-errors 2>&1 | tee "$OUT_DIR/tests.log"
 }
 
+nccl_smoke() {  # Trainer's data-parallel path (reduction in the hooks) at world size 1, then FSDP if offered
+  local device=cuda backend=nccl
+  [ "$MODE" = gpu ] || { device=cpu; backend=gloo; }
+  local args=(--model byte-tiny --steps 3 --batch-size 4 --seq-len 64 --max-data-bytes 200000 --eval-every 0
+              --eval-batches 1 --save-every 0 --no-progress --device "$device")
+  local launch=(python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m streamtrain.run)
+  echo "data parallel: 1 rank, $backend (the backend Trainer picks for --device $device)"
+  "${launch[@]}" "${args[@]}" --out "$WORK/dp" || { echo "nccl: data parallel FAILED" >"$WORK/nccl.txt"; return 1; }
+  python3 - "$WORK/dp/metrics.jsonl" "$backend" >"$WORK/nccl.txt" <<'PY' || return 1
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+sent = [r.get("comm_bytes") for r in records]
+ok = len(records) == 3 and all(s and s == r.get("comm_bytes_full_gradients") for s, r in zip(sent, records))
+print(f"nccl: data parallel, 1 rank on {sys.argv[2]}: {len(records)} steps, loss {records[0]['loss']:.4f} -> "
+      f"{records[-1]['loss']:.4f}, {sent[-1]} bytes all-reduced per step: {'ok' if ok else 'UNEXPECTED metrics'}")
+sys.exit(0 if ok else 1)
+PY
+  cat "$WORK/nccl.txt"
+  local help; help=$(python3 -m streamtrain.run --help 2>&1)
+  if ! grep -qE -- '--parallel([ =,]|$)' <<<"$help"; then
+    echo "fsdp: not available (streamtrain.run has no --parallel flag)" | tee -a "$WORK/nccl.txt"
+    return 0
+  fi
+  if "${launch[@]}" "${args[@]}" --parallel fsdp --out "$WORK/fsdp"; then
+    echo "fsdp: 1 rank on $backend, 3 steps: ok" | tee -a "$WORK/nccl.txt"
+  else
+    echo "fsdp: 1 rank on $backend: FAILED" | tee -a "$WORK/nccl.txt"
+    return 1
+  fi
+}
+
 recipe() {  # profiles/llama-7b-galore-r1024-seq256 (see README) with fewer micro-batches, trained for real
   local args=(--method galore --states 8bit --activation-checkpointing --seq-len 256 --steps "$STEPS"
               --svd randomized --save-every 0 --eval-every 0 --eval-batches 1 --max-data-bytes 1000000 --no-progress
@@ -139,6 +173,7 @@ summary() {
   echo; echo "=== summary ($MODE, ${SECONDS}s in all) ==="
   printf '%s\n' "${STATUS[@]}"
   [ -f "$OUT_DIR/tests.log" ] && echo "tests: $(tail -1 "$OUT_DIR/tests.log")"
+  if [ -f "$WORK/nccl.txt" ]; then cat "$WORK/nccl.txt"; else echo "nccl: no result (see gpu-check.log)"; fi
   python3 - "$OUT_DIR" <<'PY'
 import json, sys
 from pathlib import Path
@@ -159,6 +194,7 @@ main() {
   STATUS=() FAILED=0
   phase setup "$CAP_SETUP" setup || { summary; return 1; }
   phase tests "$CAP_TESTS" cuda_tests
+  phase nccl "$CAP_NCCL" nccl_smoke
   phase recipe "$CAP_RECIPE" recipe
   collect "$WORK/recipe" memory.md memory.json memory.png recipe.json
   phase bench "$CAP_BENCH" bench
@@ -179,7 +215,7 @@ OUT_DIR=${1:-${OUT:-}}
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export -f phase setup cuda_tests recipe bench
+export -f phase setup cuda_tests nccl_smoke recipe bench
 export MODE OUT_DIR WORK STEPS ACCUMULATE RECIPE
 main 2>&1 | tee "$OUT_DIR/gpu-check.log"
 exit "${PIPESTATUS[0]}"

@@ -216,6 +216,12 @@ def test_only_refuses_an_unknown_row_in_one_line(capsys):
     assert err == ["error: --only: unknown row(s) ['no-such-row']; see --list"]
 
 
+def test_one_data_parallel_rank_is_refused_in_one_line(capsys):
+    assert cli.main(["--only", "torch-adamw", "--parallel-ranks", "1", "--no-svd", "--no-hooks"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --parallel-ranks must be 0 (leave the section out) or at least 2"]
+
+
 def test_hook_overhead_times_every_variant_on_the_same_math():
     result = bench.hook_overhead(layers=12, width=8, batch=2, steps=2, rounds=2, warmup=1)
     assert result["hooks_per_step"] == 24 and result["timed_steps"] == 4
@@ -263,8 +269,9 @@ def test_markdown_ratios_are_taken_against_the_named_baseline():
     report = dict(rows={"base": row, "half": half, "broken": {"row": row["row"], "error": "worker exited 1: boom"}},
                   device="cpu", baseline="base", preset="custom", preset_settings=asdict(TINY),
                   machine=bench.machine_description("cpu"), load_average_start=None, load_average_end=None,
-                  skipped=["peer x: not installed"])
+                  skipped=["peer x: not installed"], note="two test suites ran beside it")
     lines = bench.to_markdown(report).splitlines()
+    assert "- Note: two test suites ran beside it" in lines
     half = next(line for line in lines if line.startswith("| half |"))
     assert half.split(" | ")[1:10] == ["100", "0.50x", "100", "0.50x", "1.50", "2.00", "200", "1.0", "0.25x"]
     assert "| broken | worker exited 1: boom |" in lines
@@ -322,3 +329,36 @@ def test_the_quality_section_trains_bf16_int8_and_int4_projector_rows_alike_and_
     assert "`--dtype int8 --projector-precision int4`" in "\n".join(lines) and lines[-1].startswith("Goal:")
     failing = {**result, "rows": {**rows, "int8-weights": {**rows["int8-weights"], "vs_bf16": 1.05}}}
     assert "NOT met (worst 1.0500x)" in quality_lines(failing)[-1]
+
+
+def projected_and_full_bytes(preset) -> tuple[int, int]:
+    """Bytes one step all-reduces in fp32 when every GaLore matrix sends its projected gradient
+    (r x n or m x r: r times its larger side), and when every parameter sends its full gradient."""
+    model = build_model(get_config(preset.model, **preset.model_overrides))
+    galore = set(low_rank_names(model))
+    projected = full = 0
+    for name, p in model.named_parameters():
+        full += p.numel() * 4
+        projected += (min(preset.rank, *p.shape) * max(p.shape) if name in galore else p.numel()) * 4
+    return projected, full
+
+
+def test_data_parallel_galore_all_reduces_projected_gradients_and_matches_one_process():
+    # 2 gloo ranks under torchrun vs one process with the global batch; a gap longer than the run,
+    # so after step 0 (every matrix's first subspace: full gradients and bases) no step refreshes
+    preset = replace(TINY, model_overrides=dict(TINY.model_overrides, hidden_size=64, intermediate_size=256,
+                                                          num_hidden_layers=2),
+                     steps=4, gap=100, parallel_ranks=2)
+    section = bench.data_parallel(preset, "cpu", lambda spec, launcher: runner.run_in_worker(
+        spec, 300, launcher=launcher), log=lambda line: None, names=("engine-galore",))
+    ranks, single = section["runs"]
+    assert (ranks["ranks"], ranks["batch_per_rank"], single["ranks"], single["batch_per_rank"]) == (2, 1, 1, 2)
+    projected, full = projected_and_full_bytes(preset)
+    assert full > 3.5 * projected  # the projection ratio this check rests on
+    sent_per_step = [sent for sent, _ in ranks["comm_bytes_per_step"]]
+    assert sent_per_step[0] > full and sent_per_step[1:] == [projected] * 3
+    assert all(f == full for _, f in ranks["comm_bytes_per_step"])
+    assert ranks["full_over_sent"] == pytest.approx(full / projected)
+    assert ranks["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+    assert single["comm_bytes_per_step"] is None and "| engine-galore | 2 x 1 |" in "\n".join(
+        bench.parallel_lines(section))

@@ -5,6 +5,7 @@ import torch
 
 from streamtrain.engine import Engine
 from streamtrain.methods import assign_rules
+from streamtrain.optim.noise import hashed_uniform
 from streamtrain.optim.quant8 import (BLOCK_SIZE, BlockwiseState8bit, code_map, dequantize_blockwise,
                                       dynamic_code_map, quantize_blockwise)
 from streamtrain.optim.state import make_state
@@ -200,7 +201,8 @@ def test_state_8bit_round_trip_and_checkpoint_tensors():
     value = torch.randn(64, 100, generator=torch.Generator().manual_seed(0))
     stream = torch.Generator().set_state(state.generator.get_state())  # the state's own rounding stream
     state.write(value)
-    noise = torch.rand(6400, generator=stream)
+    # one seed from the stream per write; each element's draw hashes (seed, index) (optim/noise.py)
+    noise = hashed_uniform(torch.randint(0, 2 ** 31, (), generator=stream), torch.arange(6400, dtype=torch.int64))
     expected = dequantize_blockwise(*quantize_blockwise(value, code_map(True), noise), code_map(True), (64, 100))
     assert torch.equal(state.read(), expected)
     tensors = state.tensors()
@@ -261,3 +263,17 @@ def test_8bit_states_track_fp32_states_loss(method):
     assert reference[-1] < 0.5 * reference[0]  # it learned, so the comparison means something
     # measured 0.2% (adamw), 0.9% (galore); states that forget, round down or use a linear map: > 13%
     assert worst < 0.02
+
+
+def test_hashed_rounding_draws_are_uniform_and_independent_of_their_neighbours():
+    # the 8-bit states' stochastic rounding draws (optim/noise.py): a hash of (seed, element index)
+    n = 2 ** 20
+    u = hashed_uniform(torch.tensor(12345), torch.arange(n, dtype=torch.int64))
+    other_seed = hashed_uniform(torch.tensor(12346), torch.arange(n, dtype=torch.int64))
+    assert u.dtype == torch.float32 and 0 <= float(u.min()) and float(u.max()) < 1
+    counts = torch.histc(u, bins=64, min=0, max=1)
+    expected = n / 64
+    assert float(((counts - expected) ** 2 / expected).sum()) < 120  # chi-square, 63 dof (p ~ 1e-5)
+    for a, b in ((u[1:], u[:-1]), (u[256:], u[:-256]), (u, other_seed)):  # neighbours, next block, next seed
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.01
+    assert torch.equal(hashed_uniform(torch.tensor(12345), torch.arange(100, 200, dtype=torch.int64)), u[100:200])

@@ -13,12 +13,14 @@ randomized vs exact SVD pair.
 
 One concept per module: presets (workloads), rows (what runs), peers (the other optimizers),
 torch_optimizers (peers behind the engine's interface), trainer (the clocked Trainer), measure
-(one worker's runs), hooks (hook overhead), svd, runner (the parent), comparisons and report
-(Markdown), quality (bf16 vs INT8 weights vs INT8 + INT4 projectors), cli, recipe_check (the 7B memory check of profiles/gpu-check.sh).
+(one worker's runs), hooks (hook overhead), parallel (data-parallel bytes and step time), svd, runner
+(the parent), comparisons and report (Markdown), quality (bf16 vs INT8 weights vs INT8 + INT4
+projectors), cli, recipe_check (the 7B memory check of profiles/gpu-check.sh).
 """
 from .comparisons import COMPARISONS, key_comparisons
 from .hooks import hook_overhead
 from .measure import both_runs, memory_run, timed_run
+from .parallel import data_parallel, parallel_lines
 from .peers import optimizer_recipe
 from .presets import PRESETS, Preset
 from .quality import quality_comparison
@@ -30,6 +32,6 @@ from .torch_optimizers import TorchOptimizers
 from .trainer import BenchTrainer, StepClock
 
 __all__ = ["BASELINE", "COMPARISONS", "BenchTrainer", "PRESETS", "Preset", "Row", "StepClock", "TorchOptimizers",
-           "benchmark", "both_runs", "discover_rows", "hook_overhead", "key_comparisons", "machine_description",
-           "memory_run", "optimizer_recipe", "quality_comparison", "run_in_worker", "run_svd_comparison", "schedule",
-           "timed_run", "to_markdown", "train_config"]
+           "benchmark", "both_runs", "data_parallel", "discover_rows", "hook_overhead", "key_comparisons",
+           "machine_description", "memory_run", "optimizer_recipe", "parallel_lines", "quality_comparison",
+           "run_in_worker", "run_svd_comparison", "schedule", "timed_run", "to_markdown", "train_config"]

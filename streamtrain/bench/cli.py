@@ -33,8 +33,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hooks", dest="hooks", action="store_false", help="leave out the hook-overhead section")
     p.add_argument("--no-quality", dest="quality", action="store_false",
                    help="leave out the low-bit quality section (bf16 vs INT8 weights vs INT8 + INT4 projectors)")
+    p.add_argument("--parallel-ranks", type=int, default=None,
+                   help="ranks of the data-parallel section (default: the preset's, 2 for full, 0 (left out) "
+                        "for quick and gpu); each run launches them with torchrun")
     p.add_argument("--out", default=None, help="output path without suffix (default: profiles/bench-DEVICE "
                                                "for --preset full, runs/bench-PRESET-DEVICE otherwise)")
+    p.add_argument("--note", default=None,
+                   help="a line for the report's header (e.g. what else ran on the machine meanwhile)")
     p.add_argument("--list", action="store_true", help="list the rows this installation can run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
@@ -56,6 +61,8 @@ def main(argv=None) -> int:
         return 2
     try:
         report = run(args, device)
+        if args.note:
+            report["note"] = args.note
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -70,9 +77,12 @@ def main(argv=None) -> int:
 
 
 def run(args, device: str) -> dict:
-    chosen = {k: v for k, v in (("threads", args.threads), ("repeats", args.repeats)) if v is not None}
+    chosen = {k: v for k, v in (("threads", args.threads), ("repeats", args.repeats),
+                                ("parallel_ranks", args.parallel_ranks)) if v is not None}
     if chosen.get("threads", 0) < 0 or chosen.get("repeats", 1) < 1 or args.worker_timeout <= 0:
         raise ValueError("--threads must be >= 0, --repeats >= 1 and --worker-timeout > 0")
+    if chosen.get("parallel_ranks") == 1 or chosen.get("parallel_ranks", 0) < 0:
+        raise ValueError("--parallel-ranks must be 0 (leave the section out) or at least 2")
     preset = replace(PRESETS[args.preset], **chosen)
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     return benchmark(preset, device, only, args.baseline, args.svd, args.hooks, args.preset,

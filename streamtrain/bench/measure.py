@@ -32,6 +32,7 @@ def timed_run(row: Row, preset: Preset, device: str) -> dict:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         summary = trainer.run()
         (wall, cpu), ranks = trainer.clock.step_times(), low_ranks(trainer.engine)
+        traffic = [[r["comm_bytes"], r["comm_bytes_full_gradients"]] for r in trainer.history if "comm_bytes" in r]
         cuda = trainer.profiler.measured().get("cuda", {})
         del trainer
     skip = preset.warmup_skip
@@ -40,6 +41,7 @@ def timed_run(row: Row, preset: Preset, device: str) -> dict:
             "parameters": parameters, "trainable_parameters": trainable,
             "first_step_s": wall[0], "step_wall_s": wall[skip:], "step_cpu_s": cpu[skip:],
             "mean_rank": statistics.fmean(ranks) if ranks else None,
+            **({"traffic": traffic} if traffic else {}),  # data parallel: [sent, full-gradient] bytes per step
             **{f"cuda_{key}_bytes": cuda[key] for key in ("allocated_peak", "reserved_peak", "nvml_peak")
                if cuda.get(key) is not None}}
 
@@ -93,4 +95,9 @@ def worker_main(spec: dict) -> None:
         result = quality_comparison(preset.quality, device)
     else:
         result = KINDS[spec["kind"]](Row(**spec["row"]), preset, device)
+    if torch.distributed.is_initialized():  # a data-parallel run (parallel.py): rank 0 reports for all
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return
     Path(spec["result_path"]).write_text(json.dumps(result))

@@ -2,6 +2,8 @@
 
 `quick` is a smoke check of every row (about a minute on 2 cores), `full` the published CPU
 table (profiles/bench-cpu.md), `gpu` the rows a GPU lease has time for (profiles/gpu-check.sh).
+Only `full` runs the data-parallel section (2 ranks under torchrun: about 30 s more even on the
+quick model, mostly process start-ups); `--parallel-ranks 2` adds it to any preset.
 The GaLore gap is shorter than the timed window in every preset, so GaLore rows time subspace
 refreshes and the table's worst/median column shows their spikes.
 """
@@ -35,6 +37,7 @@ class Preset:
     rows: tuple = ()          # row names to run (empty: every row this installation can run)
     hooks: dict = field(default_factory=dict)  # the hook-overhead section's sizes (see hooks.py); empty: left out
     quality: dict = field(default_factory=dict)  # the low-bit quality section's run (see quality.py); empty: left out
+    parallel_ranks: int = 0   # the data-parallel section's ranks (parallel.py); 0: left out
 
 
 QUICK_HOOKS = dict(layers=200, width=16, batch=4, steps=10, rounds=3, warmup=3)
@@ -56,7 +59,7 @@ PRESETS = {
                                       num_attention_heads=6),
                    steps=30, batch_size=4, seq_len=128, warmup_skip=4, tracked_steps=2, rank=96, gap=10,
                    activation_checkpointing=True, repeats=2, fresh_compile_cache=True, hooks=FULL_HOOKS,
-                   quality=FULL_QUALITY),
+                   quality=FULL_QUALITY, parallel_ranks=2),
     # one GPU lease: an 85M-parameter model, the rows the issue compares on CUDA, no separate memory runs
     # (the timed run reads the allocator's peaks), refreshes inside the window
     "gpu": Preset("byte-small", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,

@@ -2,6 +2,7 @@
 import torch
 
 from .comparisons import key_comparisons, ratio, worst_key
+from .parallel import parallel_lines
 from .presets import PRESETS
 from .quality import quality_lines
 from .rows import describe
@@ -27,6 +28,8 @@ def to_markdown(report: dict) -> str:
         lines += ["", "## Hook overhead (issue item 4)", ""] + hooks_lines(report["hooks"])
     if "quality" in report:
         lines += ["", "## Low-bit weights and projectors: quality (issue 17)", ""] + quality_lines(report["quality"])
+    if "parallel" in report:
+        lines += ["", "## Data parallel (issue 15)", ""] + parallel_lines(report["parallel"])
     lines += ["", "## Randomized vs exact SVD (issue 7)", ""] + svd_lines(report.get("svd"))
     return "\n".join(lines) + "\n"
 
@@ -80,6 +83,7 @@ def header_lines(report: dict) -> list[str]:
         f"- Load average (1, 5, 15 min): {report['load_average_start']} at the start, "
         f"{report['load_average_end']} at the end; `load`: the 1-minute load after each row's last run.",
         f"- Reproduce: `python -m streamtrain.bench --preset {report['preset']} --device {device}{threads_flag}`",
+        *([f"- Note: {report['note']}"] if report.get("note") else []),
         ""]
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ..optim.backend import requested_backend
 from .comparisons import goal_results
+from .parallel import data_parallel
 from .peers import PEER_PACKAGES
 from .presets import Preset
 from .rows import BASELINE, Row, discover_rows
@@ -31,7 +32,7 @@ def benchmark(preset: Preset, device: str, only=None, baseline: str = BASELINE, 
               hooks: bool = True, name: str = "custom", log=print, worker_timeout_s: float = WORKER_TIMEOUT_S,
               quality: bool = True) -> dict:
     """Run every available row (the preset's, or those in `only`), each in its own processes;
-    then the hook-overhead, low-bit quality and SVD sections. Returns the report (see report.py)."""
+    then the hook-overhead, low-bit quality, data-parallel and SVD sections. Returns the report (see report.py)."""
     rows, skipped = discover_rows(device, only or preset.rows)
     if only:
         unknown = set(only) - {r.name for r in rows} - {line.split(":")[0] for line in skipped}
@@ -51,6 +52,10 @@ def benchmark(preset: Preset, device: str, only=None, baseline: str = BASELINE, 
             log(f"[bench] quality: bf16 vs INT8 weights vs INT8 + INT4 projectors on {preset.quality['model']} ...")
             report["quality"] = run_in_worker({"kind": "quality", "preset": asdict(preset), "device": device},
                                               worker_timeout_s)
+        if preset.parallel_ranks > 1:
+            log(f"[bench] data parallel: {preset.parallel_ranks} ranks vs one process ...")
+            report["parallel"] = data_parallel(preset, device, lambda spec, launcher: run_in_worker(
+                spec, worker_timeout_s, launcher=launcher), log)
         if svd:
             log(f"[bench] svd {preset.svd_shape} rank {preset.svd_rank} ...")
             report["svd"] = run_in_worker({"kind": "svd", "preset": asdict(preset), "device": device},
@@ -129,14 +134,16 @@ def step_statistics(result: dict, preset: Preset) -> dict:
             "tokens_per_s": preset.batch_size * preset.seq_len / median}
 
 
-def run_in_worker(spec: dict, timeout_s: float = WORKER_TIMEOUT_S, env: dict | None = None) -> dict:
-    """One measurement in a fresh `python -m streamtrain.bench --worker` process; {'error': ...}
-    with the worker's last line when it fails."""
+def run_in_worker(spec: dict, timeout_s: float = WORKER_TIMEOUT_S, env: dict | None = None,
+                  launcher: list[str] = ()) -> dict:
+    """One measurement in a fresh `python -m streamtrain.bench --worker` process (`launcher`: the
+    module that starts it instead, e.g. torchrun's ranks, see parallel.py); {'error': ...} with
+    the worker's last line when it fails."""
     env = dict(os.environ, **(env or {}))
     with tempfile.TemporaryDirectory() as tmp:
         spec = {**spec, "result_path": str(Path(tmp) / "result.json")}
         try:
-            done = subprocess.run([sys.executable, "-m", "streamtrain.bench", "--worker", json.dumps(spec)],
+            done = subprocess.run([sys.executable, "-m", *launcher, "streamtrain.bench", "--worker", json.dumps(spec)],
                                   env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return {"error": f"worker ran past {timeout_s:.0f} s"}

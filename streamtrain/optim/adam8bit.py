@@ -10,8 +10,9 @@ Two implementations of the same update (the backend switch in optim/backend.py p
   and the weight (a block's 256 bytes are read twice from cache: for its new absmax, then to
   encode); the same design as torchao's low-bit optimizers. Its encoder finds the nearest code
   by table lookup (quant8.nearest_code_by_lookup) instead of bucketize's binary search, with
-  the same codes bit for bit, and rounds stochastically from the nearest code with the same noise
-  the eager path would draw (quant8.stochastic_from_nearest). Its Adam arithmetic rounds
+  the same codes bit for bit, and rounds stochastically from the nearest code with the same draws
+  the eager path takes (quant8.stochastic_from_nearest), computed in the kernel from the state's
+  seed and each element's index (optim/noise.py) instead of read from a noise tensor. Its Adam arithmetic rounds
   differently from the eager kernels,
   which use fused multiply-adds (lerp, addcmul) that inductor's CPU code does not: an ulp here
   and there, which can move a moment across a code boundary (a few elements in a million).
@@ -31,20 +32,23 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .backend import record_compile_failure, update_backend
 from .fused import fused_adamw_
+from .noise import element_indices, hashed_uniform
 from .quant8 import BLOCK_SIZE, code_lookup_table, nearest_code_by_lookup, stochastic_from_nearest
 
 _compiled_kernel = None
 
 
 def adam8bit_blocks_(weight, grad, m_codes, m_absmax, v_codes, v_absmax, m_code, v_code, m_table, v_table,
-                     scalars, clip, found_inf, m_noise=None, v_noise=None) -> None:
+                     scalars, clip, found_inf, first_index, m_seed=None, v_seed=None) -> None:
     """One AdamW update in place of `weight` (fp32) and the 8-bit moments, all (blocks, 256)
     but the (blocks,) scales. `scalars` is kernel_scalars(...); 0-d tensors: `clip` (a gradient
     factor, 1 when not clipping), `found_inf` (1: change nothing). Tensors, not Python floats
     or None, so that one compiled graph serves every value (dynamo compiles anew for each value
     of a float in float arithmetic, and for None): a run needs one graph per gradient dtype.
-    `m_noise`, `v_noise`: uniform [0, 1) draws for stochastic rounding of the moments (the
-    states' own streams); None (a graph of its own) rounds to the nearest code."""
+    `first_index` (0-d int64): the flat index of the first element in its states; `m_seed`,
+    `v_seed` (0-d int64): the moments' rounding seeds, whose uniform draws (optim/noise.py, a
+    hash of seed and element index) are computed here, in registers; None (a graph of its own)
+    rounds to the nearest code."""
     lr, decay, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction1, bias_correction2_sqrt = (
         scalars.unbind())
     m = m_code[m_codes.int()] * m_absmax[:, None]          # dequantize_blockwise's arithmetic
@@ -54,14 +58,20 @@ def adam8bit_blocks_(weight, grad, m_codes, m_absmax, v_codes, v_absmax, m_code,
     v = v * beta2 + one_minus_beta2 * g * g
     direction = (m / bias_correction1) / (v.sqrt() / bias_correction2_sqrt + eps)
     new_weight = weight * decay - lr * direction
-    new_m_codes, new_m_absmax = encode_blocks(m, m_table, m_code, m_noise)
-    new_v_codes, new_v_absmax = encode_blocks(v, v_table, v_code, v_noise)
+    new_m_codes, new_m_absmax = encode_blocks(m, m_table, m_code, draws(m_seed, first_index, weight))
+    new_v_codes, new_v_absmax = encode_blocks(v, v_table, v_code, draws(v_seed, first_index, weight))
     keep = found_inf > 0
     # codes are selected as int32 (inductor's CPU code blends uint8 vectors slowly), then narrowed
     for target, value in ((weight, new_weight), (m_codes, new_m_codes), (m_absmax, new_m_absmax),
                           (v_codes, new_v_codes), (v_absmax, new_v_absmax)):
         old = target.int() if target.dtype == torch.uint8 else target
         target.copy_(torch.where(keep, old, value).to(target.dtype))
+
+
+def draws(seed, first_index, like):
+    """The uniform draws of a moment with rounding seed `seed` (None: round to nearest) for the
+    elements of `like`, the first at flat index `first_index`."""
+    return None if seed is None else hashed_uniform(seed, element_indices(first_index, like.shape, like.device))
 
 
 def kernel_scalars(step: torch.Tensor, lr: float, weight_decay: float, betas: tuple[float, float],
@@ -125,13 +135,13 @@ def compiled_update_(weight, grad, exp_avg, exp_avg_sq, start, step, **hyper) ->
     kernel runs with the mode set aside. That hides nothing the tracker counts, since the kernel
     updates its inputs in place and allocates no scratch beyond per-block sums. On fake tensors
     (the planner) there is nothing to compute, and nothing allocated to show."""
-    # the rounding noise is drawn first, from each state's own stream (and shown to the tracker)
+    # the rounding seeds are drawn first, from each state's own stream
     streams = [s.generator.get_state() if s.generator is not None else None for s in (exp_avg, exp_avg_sq)]
-    noise = [state.noise(grad.numel()) for state in (exp_avg, exp_avg_sq)]
+    seeds = [state.noise_seed(start) for state in (exp_avg, exp_avg_sq)]
     if any(is_fake(t) for t in (weight, grad, exp_avg.codes)):
         return True
     with _disable_current_modes():
-        done = run_compiled_kernel(weight, grad, exp_avg, exp_avg_sq, start, step, noise=noise, **hyper)
+        done = run_compiled_kernel(weight, grad, exp_avg, exp_avg_sq, start, step, seeds=seeds, **hyper)
     if not done:  # the eager path draws the same noise again
         for state, stream in zip((exp_avg, exp_avg_sq), streams):
             if stream is not None:
@@ -140,7 +150,7 @@ def compiled_update_(weight, grad, exp_avg, exp_avg_sq, start, step, **hyper) ->
 
 
 def run_compiled_kernel(weight, grad, exp_avg, exp_avg_sq, start, step, *, lr, betas, eps, weight_decay, clip,
-                        found_inf, noise) -> bool:
+                        found_inf, seeds) -> bool:
     blocks = slice(start // BLOCK_SIZE, (start + grad.numel()) // BLOCK_SIZE)
     codes = slice(start, start + grad.numel())
     device = weight.device
@@ -153,10 +163,7 @@ def run_compiled_kernel(weight, grad, exp_avg, exp_avg_sq, start, step, *, lr, b
     found_inf = torch.zeros((), device=device) if found_inf is None else found_inf
     args += [exp_avg.code, exp_avg_sq.code, code_lookup_table(exp_avg.signed, device),
              code_lookup_table(exp_avg_sq.signed, device), kernel_scalars(step, lr, weight_decay, betas, eps),
-             clip, found_inf] + [None if n is None else n.view(-1, BLOCK_SIZE) for n in noise]
-    for t in args[-2:]:
-        if t is not None:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+             clip, found_inf, torch.tensor(start, dtype=torch.int64, device=device)] + seeds
     try:
         compiled_kernel()(*args)
     except Exception as error:  # noqa: BLE001 - a compiler missing or failing: the eager path still works

@@ -12,13 +12,15 @@ Rounding. States are written with stochastic rounding between the two codes arou
 unbiased. Round-to-nearest is biased where codes are sparse: after a gradient spike the second
 moment of a block's small entries sits in the coarse low decades, and with nearest rounding it
 drifted 22% below an fp64 reference over 1500 steps (tests/test_state.py); stochastic rounding
-stays within 0.1%. `quantize_blockwise(..., noise=None)` is the deterministic nearest-code
+stays within 0.1%. The states' draws come from optim/noise.py (a hash of a per-write seed and the
+element's index). `quantize_blockwise(..., noise=None)` is the deterministic nearest-code
 quantizer (exact, tested against an argmin oracle).
 
 Cost per element: 1 byte plus 4/256 bytes of scale, about 25.4% of fp32.
 """
 import torch
 
+from .noise import element_indices, hashed_uniform, new_seed
 from .rounding import rounding_generator
 
 BLOCK_SIZE = 256
@@ -212,6 +214,7 @@ class BlockwiseState8bit:
         self.codes = torch.zeros(numel, dtype=torch.uint8, device=device)
         self.absmax = torch.zeros(num_blocks(numel), dtype=torch.float32, device=device)
         self.generator = rounding_generator(self.codes.device) if stochastic else None
+        self._seed = None  # the current write's rounding seed (noise_seed)
 
     @property
     def precision(self) -> str:
@@ -252,7 +255,7 @@ class BlockwiseState8bit:
         device (re-encoding decoded values would not give the old codes back bit for bit)."""
         end = start + value.numel()
         self._check_range(start, end)
-        codes, absmax = quantize_blockwise(value, self.code, self.noise(value.numel()))
+        codes, absmax = quantize_blockwise(value, self.code, self.noise(start, value.numel()))
         if found_inf is not None:
             bad = found_inf.to(codes.device) > 0
             codes = torch.where(bad, self.codes[start:end], codes)
@@ -260,11 +263,23 @@ class BlockwiseState8bit:
         self.codes[start:end].copy_(codes)
         self.absmax[start // BLOCK_SIZE:num_blocks(end)].copy_(absmax)
 
-    def noise(self, numel: int) -> torch.Tensor | None:
-        """Uniform [0, 1) draws from the state's own stream for stochastic rounding (None: nearest)."""
+    def noise(self, start: int, numel: int) -> torch.Tensor | None:
+        """Uniform [0, 1) draws for elements [start, start + numel) (None: round to nearest): a
+        function of the write's seed and the element's index (optim/noise.py)."""
+        seed = self.noise_seed(start)
+        if seed is None:
+            return None
+        return hashed_uniform(seed, element_indices(start, (numel,), self.codes.device))
+
+    def noise_seed(self, start: int) -> torch.Tensor | None:
+        """The rounding seed of a write reaching element `start`: a new one from the state's own
+        stream when the write begins at element 0 (an update walks the state from 0, whole or
+        chunk by chunk), else the current write's, so chunked and whole writes draw alike."""
         if not self.stochastic:
             return None
-        return torch.rand(numel, device=self.codes.device, generator=self.generator)
+        if start == 0 or self._seed is None:
+            self._seed = new_seed(self.generator, self.codes.device)
+        return self._seed
 
     def _check_range(self, start: int, end: int) -> None:
         numel = self.codes.numel()

@@ -28,8 +28,10 @@ from ..optim.chunks import row_chunks
 from ..optim.int8_weights import weight_rows
 from ..optim.lowbit_basis import PROJECTOR_PRECISIONS, make_basis
 from ..optim.clip import growth_factor
-from ..optim.projector import (SVD_METHODS, low_rank_view, project, project_back_rows, projected_shape,
-                                projection_side, randomized_basis, svd_basis)
+from ..optim.adam import decoupled_weight_decay
+from ..optim.backend import update_backend
+from ..optim.projector import (SVD_METHODS, add_projected_back_rows_, low_rank_view, project, project_back_rows,
+                                projected_shape, projection_side, randomized_basis, svd_basis)
 from ..optim.state import make_state, working
 from ..optim.state_adam import state_adam_direction
 from .base import (Rule, add_to_buffer, check_step_gradient, common_state, keep_norm, local_part, maybe_clip,
@@ -213,6 +215,9 @@ class GaLore(Rule):
             growth = growth_factor(norm, state["prev_update_norm"], ctx.norm_growth)
             keep_norm(state, norm * growth, ctx)
         basis, side = active_basis(state), state["side"]
+        if growth is None and param.dtype == low_direction.dtype and update_backend() != "reference":
+            move_weight_by_gemm(param, low_direction, basis, side, self.scale, ctx)
+            return
         for first, end in row_chunks(*param.shape):
             rows = project_back_rows(low_direction, basis, side, first, end).mul_(self.scale)
             update_weight(weight_rows(param, first, end), rows, ctx, growth)
@@ -229,6 +234,21 @@ class GaLore(Rule):
         if self.projector == "dense":
             return {}
         return {"projector": self.projector, "projector_group": self.projector_group}
+
+
+@torch.no_grad()
+def move_weight_by_gemm(param, low_direction, basis, side: str, scale: float, ctx) -> None:
+    """update_weight's W <- W (1 - lr wd) - lr * scale * P N for an fp32 (fp64) weight, as one
+    addmm_ per row chunk (projector.add_projected_back_rows_). A step found bad zeroes N (r x n,
+    not m x n) and keeps the weight from decaying (the factor selected on the device)."""
+    beta = 1 - ctx.lr * ctx.weight_decay
+    if ctx.found_inf is not None:
+        low_direction = torch.where(ctx.found_inf > 0, 0.0, low_direction)
+        decoupled_weight_decay(param, ctx.lr, ctx.weight_decay, ctx.found_inf)
+        beta = 1.0
+    for first, end in row_chunks(*param.shape):
+        add_projected_back_rows_(param[first:end], low_direction, basis, side, first, end,
+                                 alpha=-ctx.lr * scale, beta=beta)
 
 
 def shared_result(ctx, state: dict, compute, buffer: torch.Tensor) -> torch.Tensor:
