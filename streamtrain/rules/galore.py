@@ -25,7 +25,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from ..optim.chunks import row_chunks
-from ..optim.int8_weights import weight_rows
+from ..optim.int8_weights import weight_rows, weight_storage
 from ..optim.lowbit_basis import PROJECTOR_PRECISIONS, make_basis
 from ..optim.clip import growth_factor
 from ..optim.adam import decoupled_weight_decay
@@ -215,7 +215,8 @@ class GaLore(Rule):
             growth = growth_factor(norm, state["prev_update_norm"], ctx.norm_growth)
             keep_norm(state, norm * growth, ctx)
         basis, side = active_basis(state), state["side"]
-        if growth is None and param.dtype == low_direction.dtype and update_backend() != "reference":
+        if (growth is None and param.dtype == low_direction.dtype and weight_storage(param) is None
+                and update_backend() != "reference"):  # a dense weight the GEMM can write in place
             move_weight_by_gemm(param, low_direction, basis, side, self.scale, ctx)
             return
         for first, end in row_chunks(*param.shape):
