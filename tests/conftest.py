@@ -26,6 +26,15 @@ def random_batches(n, batch=2, seq=16, vocab=256, seed=0):
              torch.randint(0, vocab, (batch, seq), generator=gen)) for _ in range(n)]
 
 
+def spawn_cases(workers, out, world: int) -> dict:
+    """Every case of `workers.CASES` trained once by `world` spawned gloo ranks (each rank runs
+    workers.rank_main and saves `<case>-rank<r>.pt` under `out`): {(case, rank): saved results}."""
+    import torch.multiprocessing as mp
+    mp.spawn(workers.rank_main, args=(world, str(out / "store"), str(out), list(workers.CASES)), nprocs=world,
+             join=True)
+    return {(case, rank): torch.load(out / f"{case}-rank{rank}.pt") for case in workers.CASES for rank in range(world)}
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -15,13 +15,12 @@ import psutil
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from streamtrain.engine import Engine
 from streamtrain.methods import assign_rules
 
 import distributed_workers as workers
-from conftest import tiny_model
+from conftest import spawn_cases, tiny_model
 
 WORLD = 2
 
@@ -29,10 +28,7 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     """Every case trained once by 2 spawned gloo ranks: {(case, rank): saved results}."""
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(workers.rank_main, args=(WORLD, str(out / "store"), str(out), list(workers.CASES)), nprocs=WORLD,
-             join=True)
-    return {(case, rank): torch.load(out / f"{case}-rank{rank}.pt") for case in workers.CASES for rank in range(WORLD)}
+    return spawn_cases(workers, tmp_path_factory.mktemp("ranks"), WORLD)
 
 
 def relative_difference(a: dict, b: dict) -> float:

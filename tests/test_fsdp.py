@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 import fsdp_workers as workers
-from conftest import tiny_model
+from conftest import spawn_cases, tiny_model
 from streamtrain.distributed.fsdp import ShardingError, shard_model, simulated_world
 from streamtrain.methods import assign_rules
 from torch.distributed.tensor import DTensor
@@ -31,10 +31,7 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     """Every case trained once by 2 spawned gloo ranks: {(case, rank): saved results}."""
-    out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(workers.rank_main, args=(WORLD, str(out / "store"), str(out), list(workers.CASES)), nprocs=WORLD,
-             join=True)
-    return {(case, rank): torch.load(out / f"{case}-rank{rank}.pt") for case in workers.CASES for rank in range(WORLD)}
+    return spawn_cases(workers, tmp_path_factory.mktemp("fsdp"), WORLD)
 
 
 def relative_differences(a: dict, b: dict) -> dict:
