@@ -118,6 +118,11 @@ class TrainConfig:
     clip_per_tensor: float | None = opt(None, "clip each tensor's step gradient to this L2 norm")
     norm_growth: float | None = opt(None, "limit update-norm growth per step to this factor (e.g. 1.01)")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward")
+    projected_backward: bool = opt(True, "GaLore/AdaRankGrad matrices of nn.Linear layers get their gradient projected "
+                                         "in backward from the layer's input and output gradient, dY^T (X P), "
+                                         "never as the m x n gradient (0.34-0.5x the weight-gradient matmul at rank "
+                                         "128 of 512-1376; same math to rounding); off: the full gradient, then "
+                                         "projected")
     offload_accumulation: bool = opt(False, "keep gradient-accumulation buffers in host RAM instead of GPU memory "
                                             "(CUDA only; exact): frees the r x n fp32 sum of every GaLore matrix "
                                             "(7.5 GB at llama-7b rank 1024) for one device-to-host copy per "

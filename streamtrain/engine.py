@@ -7,6 +7,8 @@ One logical step, as data flows:
           autograd finishes p.grad  ->  hook(p):
               the first hook of a backward queues end_backward on autograd's engine
               grad = p.grad; p.grad = None              # the full gradient is ours, then gone
+                  (a GaLore matrix of an nn.Linear: p.grad is None, and grad is the factors (X, dY)
+                   its layer's backward left, which the rule projects: projected_backward.py)
               found_inf |= grad is not finite           # on the device: no host read per hook
               micro-batch < k-1: rule.accumulate(p, grad, state)   # e.g. GaLore keeps P^T G only
                                                                    # (on the device, or in host RAM)
@@ -39,8 +41,10 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from . import engine_state
+from .projected_backward import FactorSink, eligible_linears, install, uninstall
 
 from .optim.schedule import ConstantSchedule
+from .optim.int8_weights import weight_storage
 from .rules.base import Rule, StepContext, local_part
 
 
@@ -68,7 +72,7 @@ class Engine:
                  accumulate: int = 1, weight_decay: float = 0.0, clip_per_tensor: float | None = None,
                  norm_growth: float | None = None, stochastic_rounding: bool = True,
                  skip_nonfinite: bool = True, max_nonfinite_in_row: int = 10,
-                 offload_accumulation: bool = False, reducer=None, shards=None):
+                 offload_accumulation: bool = False, projected_backward: bool = True, reducer=None, shards=None):
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         self.model = model
@@ -87,6 +91,10 @@ class Engine:
         self.reducer = reducer
         # sharded data parallelism: FSDP2 reduced the gradient already (distributed/fsdp.ShardGroup)
         self.shards = shards
+        # GaLore matrices of nn.Linear layers get their gradient as factors (projected_backward.py)
+        self.projected_backward = projected_backward and shards is None
+        self._factors = FactorSink()
+        self._factored_linears = {}
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ValueError("the model is wrapped in DistributedDataParallel, whose reducer reads gradients the "
                              "engine's hooks have already consumed (the replicas would silently diverge); pass the "
@@ -113,12 +121,18 @@ class Engine:
                 self.states[name] = self.rules[name].init_state(name, p)
         self._handles = [p.register_post_accumulate_grad_hook(self._make_hook(name))
                          for name, p in self.params.items()]
+        if self.projected_backward:
+            self._factored_linears = eligible_linears(self.model, [
+                n for n, p in self.params.items() if self.rules[n].projects_gradient and weight_storage(p) is None])
+            install(self._factored_linears, self._factors)
         return self
 
     def detach(self) -> None:
         for handle in self._handles or []:
             handle.remove()
         self._handles = None
+        uninstall(self._factored_linears)
+        self._factored_linears = {}
 
     def rebuild(self, rules: dict[str, Rule] | None = None) -> None:
         """Re-scan the model's trainable parameters at a step boundary (ReLoRA adds adapters and
@@ -146,6 +160,10 @@ class Engine:
 
     def _on_grad(self, name: str, param: torch.Tensor) -> None:
         grad, param.grad = param.grad, None
+        if grad is None:  # a projected-backward matrix: its gradient's factors (projected_backward.py)
+            grad = self._factors.take(name)
+            if grad is None:
+                return
         if self.shards is not None:  # FSDP2: rules get this rank's shards as plain tensors
             param, grad = local_part(param), local_part(grad)
         if not self._in_backward:
@@ -224,6 +242,7 @@ class Engine:
 
     def _end_backward(self) -> None:
         self._in_backward = False
+        self._factors.clear()
         if self.reducer is not None:  # the last bucket goes out; every reduced update lands
             self.reducer.flush()
         self._count_micro_batch()

@@ -197,4 +197,4 @@ def build_engine(model, config: TrainConfig, schedule_history: dict | None = Non
                   weight_decay=config.weight_decay, clip_per_tensor=config.clip_per_tensor,
                   norm_growth=config.norm_growth, stochastic_rounding=config.stochastic_rounding,
                   offload_accumulation=config.offload_accumulation,
-                  **engine_options)
+                  projected_backward=config.projected_backward, **engine_options)

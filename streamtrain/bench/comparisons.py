@@ -22,6 +22,7 @@ COMPARISONS = (
     Comparison("engine-adamw", "engine-adamw-reference", what="default update backend vs reference"),
     Comparison("engine-galore", "galore-torch-per-layer", 0.9),
     Comparison("engine-galore", "engine-galore-exact-all", what="staggered randomized refreshes vs exact, all at once"),
+    Comparison("engine-galore", "engine-galore-full-gradient", what="projected backward vs the m x n gradient"),
     Comparison("engine-adamw-8bit", "bnb-adamw8bit", 1.0),
     Comparison("engine-adamw-8bit", "bnb-adamw8bit-hooks"),
     Comparison("engine-adamw-8bit", "torchao-adamw8bit"),

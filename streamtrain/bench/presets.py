@@ -67,7 +67,8 @@ PRESETS = {
                   steps=20, batch_size=8, seq_len=512, warmup_skip=5, tracked_steps=2, rank=128, gap=8,
                   threads=0, memory_runs=False, eval_batches=2, max_data_bytes=2_000_000,
                   rows=("torch-adamw", "torch-adamw-fused-hooks", "engine-adamw", "engine-adamw-8bit",
-                        "engine-galore", "engine-galore-exact-all", "galore-torch-per-layer",
+                        "engine-galore", "engine-galore-full-gradient", "engine-galore-exact-all",
+                        "galore-torch-per-layer",
                         "torchao-adamw8bit", "bnb-adamw8bit"),
                   hooks=dict(QUICK_HOOKS, steps=20)),
 }

@@ -43,6 +43,9 @@ def engine_rows() -> list[Row]:
             Row("engine-galore", "engine", method="galore",
                 note="streamtrain Engine, GaLore, fp32 states: randomized range finder, refreshes staggered "
                      "(--refresh-share 0.25)"),
+            Row("engine-galore-full-gradient", "engine", method="galore", options=dict(projected_backward=False),
+                note="streamtrain Engine, GaLore as engine-galore, but the m x n weight gradient computed in "
+                     "backward and projected in the hook (--no-projected-backward)"),
             Row("engine-galore-exact-all", "engine", method="galore", options=dict(svd="exact", refresh_share=1.0),
                 note="streamtrain Engine, GaLore, fp32 states: exact SVD, every matrix refreshing on the same "
                      "step (--svd exact --refresh-share 1.0, galore-torch's schedule)"),

@@ -249,7 +249,8 @@ class MemoryTracker(TorchDispatchMode):
         self.set_phase("backward")
 
     def _gradient_arrives(self, grad):
-        self.label(grad, "gradients")
+        if grad is not None:  # (None: a projected-backward matrix, whose gradient stays in factors)
+            self.label(grad, "gradients")
 
     def _gradient_kept(self, param):
         if param.grad is not None:  # a plain optimizer loop keeps it; the engine has taken it

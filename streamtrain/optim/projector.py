@@ -49,6 +49,8 @@ def svd_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
 
 
 def project(grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+    if not isinstance(grad, torch.Tensor):  # a projected_backward.LinearGradient: from its factors
+        return grad.project(basis, side)
     basis = basis.to(grad.dtype)
     return basis.T @ grad if side == "left" else grad @ basis
 

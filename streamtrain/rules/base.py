@@ -61,6 +61,7 @@ class Rule:
     biases and embeddings can go undecayed under a rule object of their own.
     """
     name = "rule"
+    projects_gradient = False  # takes a projected_backward.LinearGradient in place of the m x n gradient
     lr_scale: float = 1.0
     weight_decay: float | None = None
 

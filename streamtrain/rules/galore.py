@@ -34,6 +34,7 @@ from ..optim.projector import (SVD_METHODS, add_projected_back_rows_, low_rank_v
                                 projected_shape, projection_side, randomized_basis, svd_basis)
 from ..optim.state import make_state, working
 from ..optim.state_adam import state_adam_direction
+from ..projected_backward import full_gradient
 from .base import (Rule, add_to_buffer, check_step_gradient, common_state, keep_norm, local_part, maybe_clip,
                    take_buffer, update_weight)
 
@@ -42,6 +43,7 @@ SUBSPACE_SOURCES = ("first_micro_batch", "full_step")
 
 class GaLore(Rule):
     name = "galore"
+    projects_gradient = True  # the hooks may hand it a LinearGradient (projected_backward.py)
 
     def __init__(self, rank: int = 128, gap: int = 200, scale: float = 0.25, betas=(0.9, 0.999),
                  eps=1e-8, states: str = "fp32", subspace_from: str = "first_micro_batch",
@@ -148,10 +150,10 @@ class GaLore(Rule):
     # -- hook operations -----------------------------------------------------------------------
     def accumulate(self, param, grad, state, ctx):
         if self._sums_full_gradient(state, ctx):
-            add_to_buffer(state, "full_grad_acc", grad, ctx)
+            add_to_buffer(state, "full_grad_acc", full_gradient(grad), ctx)
             return
         if ctx.is_first and self.refresh_due(state, ctx):
-            self.refresh(state, grad, ctx)
+            self.refresh(state, full_gradient(grad), ctx)
         add_to_buffer(state, "grad_acc", project(grad, active_basis(state), state["side"]), ctx)
 
     def update(self, param, grad, state, ctx):
@@ -175,16 +177,18 @@ class GaLore(Rule):
         the basis refreshed first when due) and its squared norm for the global grad-norm report."""
         full = None
         if self._sums_full_gradient(state, ctx):
-            full = take_buffer(state, "full_grad_acc", grad, ctx)
+            full = take_buffer(state, "full_grad_acc", full_gradient(grad), ctx)
             self.refresh(state, full, ctx)
             low = working(project(full, active_basis(state), state["side"]))
         else:
             if ctx.is_first and self.refresh_due(state, ctx):
+                grad = full_gradient(grad)  # (the refresh's SVD needs it whole; then it is projected as it is)
                 self.refresh(state, grad, ctx)
-            if ctx.accumulate == 1:
+            if ctx.accumulate == 1 and isinstance(grad, torch.Tensor):
                 full = grad
             low = take_buffer(state, "grad_acc", project(grad, active_basis(state), state["side"]), ctx)
-        # the true norm when the full step gradient is at hand, else the projected one (a lower bound)
+        # the true norm when the full step gradient is at hand, else the projected one (a lower bound;
+        # also in projected backward, whose gradient is never m x n)
         consumed = full if full is not None else low
         grad_sq = torch.linalg.vector_norm(consumed, dtype=working(consumed[:0]).dtype).square()
         return low, grad_sq
