@@ -48,8 +48,10 @@ class LinearGradient:
         return torch.Size((self.dy.shape[1], self.x.shape[1]))
 
     def full(self) -> torch.Tensor:
-        """The m x n gradient itself."""
-        return self.dy.T @ self.x
+        """The m x n gradient itself, once: the factors are let go (a refresh's SVD then runs
+        without the layer's input and output gradient alive, as after autograd's own backward)."""
+        x, dy, self.x, self.dy = self.x, self.dy, None, None
+        return dy.T @ x
 
     def project(self, basis: torch.Tensor, side: str) -> torch.Tensor:
         """projector.project(dY^T X, basis, side) without forming dY^T X."""

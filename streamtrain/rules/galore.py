@@ -153,7 +153,8 @@ class GaLore(Rule):
             add_to_buffer(state, "full_grad_acc", full_gradient(grad), ctx)
             return
         if ctx.is_first and self.refresh_due(state, ctx):
-            self.refresh(state, full_gradient(grad), ctx)
+            grad = full_gradient(grad)
+            self.refresh(state, grad, ctx)
         add_to_buffer(state, "grad_acc", project(grad, active_basis(state), state["side"]), ctx)
 
     def update(self, param, grad, state, ctx):
