@@ -3,7 +3,9 @@
 Goals (the performance issue): engine AdamW at most 1.0x torch's fused AdamW stepped in hooks;
 engine GaLore at most 0.9x galore-torch per layer; engine 8-bit AdamW at most 1.0x bitsandbytes'
 AdamW8bit and at most 1.3x the engine's own fp32 states. A goal is judged on the median step time
-and, on CPU, on the CPU time too (steadier when other work shares the machine).
+and, on CPU, on the CPU time too (steadier when other work shares the machine). The mean step time
+is shown beside it: the median leaves out a peer's refresh stall when it falls on few steps, the
+mean (total time over the window) charges every row for its refreshes.
 """
 from dataclasses import dataclass
 
@@ -51,6 +53,7 @@ def key_comparisons(rows: dict, device: str, skipped=()) -> list[str]:
         worst = worst_key(device)
         parts = [f"step time {ratio(a['median_step_s'], b['median_step_s'])}"
                  + ("" if device == "cuda" else f" (CPU time {ratio(a['median_step_cpu_s'], b['median_step_cpu_s'])})"),
+                 f"mean step {ratio(a.get('mean_step_s'), b.get('mean_step_s'))} (the window's refreshes included)",
                  f"worst/median {two_places(a.get(worst))} vs {two_places(b.get(worst))}"]
         if c.goal is not None:
             parts.append(verdict(a, b, c.goal, device))
