@@ -72,10 +72,20 @@ def full_gradient(grad):
 
 
 class FactorSink:
-    """Where the projected backward leaves each matrix's factors until its hook takes them."""
+    """Where the projected backward leaves each matrix's factors until its hook takes them.
 
-    def __init__(self):
+    A copy of the model (copy.deepcopy, pickle) gets a disabled sink: its layers compute ordinary
+    gradients, since no engine hook of the copy's weights would take the factors."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self.factors: dict[str, tuple[list, list]] = {}
+
+    def __deepcopy__(self, memo):
+        return FactorSink(enabled=False)
+
+    def __reduce__(self):
+        return FactorSink, (False,)
 
     def put(self, name: str, x: torch.Tensor, dy: torch.Tensor) -> None:
         inputs, output_grads = self.factors.setdefault(name, ([], []))
@@ -112,7 +122,8 @@ class _FactoredLinear(torch.autograd.Function):
 
 
 def _projected_forward(module: torch.nn.Linear, sink: FactorSink, name: str, x: torch.Tensor) -> torch.Tensor:
-    if not (torch.is_grad_enabled() and module.weight.requires_grad) or torch.is_autocast_enabled(x.device.type):
+    if (not (sink.enabled and torch.is_grad_enabled() and module.weight.requires_grad)
+            or torch.is_autocast_enabled(x.device.type)):
         return F.linear(x, module.weight, module.bias)  # no backward to shape (or autocast's casts apply)
     return _FactoredLinear.apply(x, module.weight, module.bias, sink, name)
 

@@ -117,3 +117,12 @@ def test_detach_restores_the_layers_own_forward():
     assert "forward" in vars(layer)
     engine.detach()
     assert "forward" not in vars(layer) and not engine._factored_linears
+
+
+def test_a_copy_of_an_attached_model_computes_ordinary_gradients():
+    model = tiny_model()
+    Engine(model, assign_rules(model, "galore", rank=8), lr=1e-3).attach()
+    copied = copy.deepcopy(model)  # (an EMA copy, a reference model): no engine takes its factors
+    copied(*random_batches(1)[0]).backward()
+    grad = copied.get_parameter("model.layers.0.mlp.up_proj.weight").grad
+    assert grad is not None and grad.abs().sum() > 0
