@@ -71,6 +71,18 @@ def test_search_finds_the_largest_micro_batch_that_fits():
     assert fits["fits"] and not over["fits"], (fits["total"], over["total"])
 
 
+def test_search_on_a_one_micro_batch_step_counts_no_accumulation_buffers():
+    # GaLore's r x n fp32 sums exist only with accumulation: a step of one micro-batch that fits its
+    # budget must be found by the search as it is configured (it reported 0 sequences before)
+    config = tiny(method="galore", rank=32, batch_size=2, accumulate=1, seq_len=16, dtype="bfloat16")
+    needs = plan_config(config)["total"]
+    as_configured = search_knobs(config, "cpu", needs)["rungs"][0]
+    assert as_configured["name"] == "as configured"
+    assert (as_configured["max_batch_size"], as_configured["accumulate"]) == (2, 1)
+    assert abs(as_configured["predicted_total"] - needs) <= 8
+    assert search_knobs(config, "cpu", needs - 1024)["rungs"][0]["max_batch_size"] == 0
+
+
 def test_offloaded_accumulation_buffers_are_planned_as_host_ram_not_device_memory():
     on_device = plan_config(tiny(method="galore"), target="cuda")
     offloaded_config = tiny(method="galore", offload_accumulation=True)

@@ -374,7 +374,8 @@ def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) ->
 
     result["min_budget"] = int(needs(1))
     if len(batch_sizes) == 1:
-        return {**result, "max_batch_size": 1 if result["min_budget"] <= budget else 0}
+        return whole_step_fit(config, trial, target, budget, cap,
+                              {**result, "max_batch_size": 1 if result["min_budget"] <= budget else 0})
     largest = largest_fitting(lambda B: needs(B) <= budget, cap)
     best = dividing(largest, cap)
     if best >= cap and result["changes"].get("offload_accumulation"):  # one micro-batch a step: no buffers
@@ -382,7 +383,21 @@ def fit_rung(config, rung, target, budget, *, cap: int = 1, batch_sizes=None) ->
     result.update(largest_fitting=largest, max_batch_size=best, tokens_per_micro_batch=best * config.seq_len,
                   accumulate=max(1, round(cap / best)) if best else None,
                   predicted_total=int(needs(best)) if best else None)
-    return result
+    return whole_step_fit(config, trial, target, budget, cap, result)
+
+
+def whole_step_fit(config, trial, target, budget: int, cap: int, result: dict) -> dict:
+    """A configured step of one micro-batch (--accumulate 1) has no accumulation buffers, which the
+    rung's line carries (it is simulated with two micro-batches a step, for the smaller micro-batches
+    it may answer): when the line falls short of the step, the step itself is simulated."""
+    if config.accumulate != 1 or result["max_batch_size"] >= cap:
+        return result
+    total = max(phase_totals(replace(trial, accumulate=1), model_config_of(config), target, cap).values())
+    if total > budget:
+        return result
+    changes = {k: v for k, v in result["changes"].items() if k != "offload_accumulation"}
+    return {**result, "changes": changes, "largest_fitting": cap, "max_batch_size": cap,
+            "tokens_per_micro_batch": cap * config.seq_len, "accumulate": 1, "predicted_total": int(total)}
 
 
 def phase_totals(trial: TrainConfig, model_config, target: str, batch_size: int) -> dict:
