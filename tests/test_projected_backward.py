@@ -126,3 +126,16 @@ def test_a_copy_of_an_attached_model_computes_ordinary_gradients():
     copied(*random_batches(1)[0]).backward()
     grad = copied.get_parameter("model.layers.0.mlp.up_proj.weight").grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_the_factors_are_let_go_once_the_gradient_is_formed():
+    # the update (and a refresh's SVD) must not hold X and dY: at 8192 tokens they outweigh a
+    # 4096 x 11008 gradient 2.7x (the 7B rank-128 plan's peak is such an update)
+    from streamtrain.projected_backward import LinearGradient
+    gen = torch.Generator().manual_seed(0)
+    x, dy, basis = (torch.randn(*shape, generator=gen) for shape in ((10, 6), (10, 4), (6, 2)))
+    grad = LinearGradient([x], [dy])
+    assert torch.allclose(grad.project(basis, "right"), (dy.T @ x) @ basis, atol=1e-6)
+    assert grad.x is None and grad.dy is None
+    with pytest.raises(RuntimeError, match="used once"):
+        grad.full()
