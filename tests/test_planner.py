@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from streamtrain.config import TrainConfig
-from streamtrain.memory.planner import PlanRefused, flags_of, ladder, plan_config, plan_run, search_knobs, simulate
+from streamtrain.memory.planner import (PlanRefused, fit_rung, flags_of, ladder, plan_config, plan_run, search_knobs,
+                                        simulate)
 from streamtrain.memory.units import parse_bytes
 from streamtrain.models.presets import get_config, parameter_count
 from streamtrain.run import main
@@ -80,7 +81,8 @@ def test_search_on_a_one_micro_batch_step_counts_no_accumulation_buffers():
     assert as_configured["name"] == "as configured"
     assert (as_configured["max_batch_size"], as_configured["accumulate"]) == (2, 1)
     assert abs(as_configured["predicted_total"] - needs) <= 8
-    assert search_knobs(config, "cpu", needs - 1024)["rungs"][0]["max_batch_size"] == 0
+    rung = ladder(config, "cpu")[0]
+    assert fit_rung(config, rung, "cpu", needs - 1024, cap=2)["max_batch_size"] == 0
 
 
 def test_offloaded_accumulation_buffers_are_planned_as_host_ram_not_device_memory():
