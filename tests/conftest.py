@@ -35,6 +35,24 @@ def spawn_cases(workers, out, world: int) -> dict:
     return {(case, rank): torch.load(out / f"{case}-rank{rank}.pt") for case in workers.CASES for rank in range(world)}
 
 
+def kill_when_saved(run, saved, timeout_s: float = 120) -> None:
+    """Wait until `saved` exists (or `run`, a torchrun started in the background, ends), then
+    SIGKILL torchrun and its ranks, as a crash would."""
+    import signal
+    import time
+
+    import psutil
+    deadline = time.time() + timeout_s
+    while not saved.exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.02)
+    launched = psutil.Process(run.pid)
+    processes = [launched, *launched.children(recursive=True)]  # torchrun and its ranks
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+    run.wait()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -4,14 +4,11 @@ bit-identical to each other; GaLore all-reduces its projected gradient (fewer by
 one); a model wrapped in DistributedDataParallel is refused."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,7 +17,7 @@ from streamtrain.engine import Engine
 from streamtrain.methods import assign_rules
 
 import distributed_workers as workers
-from conftest import spawn_cases, tiny_model
+from conftest import kill_when_saved, spawn_cases, tiny_model
 
 WORLD = 2
 
@@ -128,15 +125,7 @@ def test_a_killed_two_rank_run_resumes_bit_identical_to_an_uninterrupted_one(tmp
     run = torchrun(*settings, "--out", str(tmp_path / "killed"), background=True,
                    env={"STREAMTRAIN_CHECKPOINT_DELAY": "1.5"})
     saved = tmp_path / "killed" / "checkpoints" / "step-000002"
-    deadline = time.time() + 120
-    while not saved.exists() and time.time() < deadline and run.poll() is None:
-        time.sleep(0.02)
-    launched = psutil.Process(run.pid)
-    processes = [launched, *launched.children(recursive=True)]  # torchrun and its ranks
-    for process in processes:
-        process.send_signal(signal.SIGKILL)
-    psutil.wait_procs(processes, timeout=30)
-    run.wait()
+    kill_when_saved(run, saved)
     assert saved.exists() and not (tmp_path / "killed" / "final").exists()
     resumed = torchrun(*settings, "--out", str(tmp_path / "killed"), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

@@ -4,18 +4,15 @@
 import json
 from dataclasses import replace
 import os
-import signal
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import fsdp_workers as workers
-from conftest import spawn_cases, tiny_model
+from conftest import kill_when_saved, spawn_cases, tiny_model
 from streamtrain.distributed.fsdp import ShardingError, shard_model, simulated_world
 from streamtrain.methods import assign_rules
 from torch.distributed.tensor import DTensor
@@ -136,15 +133,7 @@ def test_a_killed_sharded_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_
     run = torchrun(*settings, "--out", str(tmp_path / "killed"), background=True,
                    env={"STREAMTRAIN_CHECKPOINT_DELAY": "1.5", **eager})
     saved = tmp_path / "killed" / "checkpoints" / "step-000002"
-    deadline = time.time() + 120
-    while not saved.exists() and time.time() < deadline and run.poll() is None:
-        time.sleep(0.02)
-    launched = psutil.Process(run.pid)
-    processes = [launched, *launched.children(recursive=True)]  # torchrun and its ranks
-    for process in processes:
-        process.send_signal(signal.SIGKILL)
-    psutil.wait_procs(processes, timeout=30)
-    run.wait()
+    kill_when_saved(run, saved)
     assert saved.exists() and not (tmp_path / "killed" / "final").exists()
     assert {p.name for p in saved.iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp", "checkpoint.json"}
     resumed = torchrun(*settings, "--out", str(tmp_path / "killed"), "--resume", "auto", env=eager)
